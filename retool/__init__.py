@@ -1,0 +1,1 @@
+"""ReTool pipeline domain library."""

@@ -1,0 +1,1 @@
+"""Compute backends: slime (GPU cluster) and local (CPU)."""

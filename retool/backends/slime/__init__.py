@@ -1,0 +1,1 @@
+"""slime backend package."""
