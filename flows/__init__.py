@@ -1,0 +1,1 @@
+"""Prefect flows of the ReTool pipeline; deployments are declared in prefect.yaml."""

@@ -1,0 +1,1 @@
+"""Prefect tasks: one per pipeline stage, thin wrappers that run the stage through DVC."""
