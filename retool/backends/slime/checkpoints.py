@@ -47,7 +47,9 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Checkpoint | None:
         try:
             iteration = int(text)
         except ValueError:
-            raise CheckpointError(f"{tracker}: expected an iteration number or 'release', found {text!r}") from None
+            raise CheckpointError(
+                f"{tracker}: expected an iteration number or 'release', found {text!r}"
+            ) from None
         if iteration < 0:
             raise CheckpointError(f"{tracker}: negative iteration {iteration}")
         ckpt = Checkpoint(root, iteration)

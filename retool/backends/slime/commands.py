@@ -297,9 +297,7 @@ def rl_job(cfg: SlimeConfig, paths: PathsConfig | None = None, **env_kw: Any) ->
     )
 
 
-def export_job(
-    cfg: SlimeConfig, stage: str, paths: PathsConfig | None = None, **env_kw: Any
-) -> JobSpec:
+def export_job(cfg: SlimeConfig, stage: str, paths: PathsConfig | None = None, **env_kw: Any) -> JobSpec:
     """torch_dist -> HF of the latest checkpoint; the iteration is resolved on the node at run time."""
     p = _paths(cfg, paths)
     if stage == "sft_hf":

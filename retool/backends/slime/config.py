@@ -118,7 +118,9 @@ class RolloutArgs(_Args):
 class EvalArgs(_Args):
     eval_interval: int | None = 20
     # dataset name -> jsonl path on the cluster; emitted as --eval-prompt-data name path ...
-    eval_prompt_data: dict[str, str] = Field(default_factory=lambda: {"aime": "/root/aime-2024/aime-2024.jsonl"})
+    eval_prompt_data: dict[str, str] = Field(
+        default_factory=lambda: {"aime": "/root/aime-2024/aime-2024.jsonl"}
+    )
     n_samples_per_eval_prompt: int = 16
     # The reference asks for 16384 but its 9216-token context cap can never reach it: 8192 fits.
     eval_max_response_len: int = 8192
@@ -126,9 +128,9 @@ class EvalArgs(_Args):
 
 
 class GrpoArgs(_Args):
-    advantage_estimator: Literal["grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"] = (
-        "grpo"
-    )
+    advantage_estimator: Literal[
+        "grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"
+    ] = "grpo"
     use_kl_loss: bool = True
     kl_loss_coef: float = 0.0
     kl_loss_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
@@ -210,7 +212,9 @@ class SftConfig(_Args):
     args: SftArgs = Field(default_factory=SftArgs)
     perf: PerfArgs = Field(default_factory=PerfArgs)
     optimizer: OptimizerArgs = Field(default_factory=OptimizerArgs)
-    env_vars: dict[str, str] = Field(default_factory=lambda: {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    env_vars: dict[str, str] = Field(
+        default_factory=lambda: {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    )
 
     @model_validator(mode="after")
     def _no_colocate(self) -> SftConfig:

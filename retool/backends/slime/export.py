@@ -26,7 +26,9 @@ MARKER = "retool_export.json"
 def _source_record(save_dir: Path) -> dict[str, object]:
     ckpt = latest_checkpoint(save_dir)
     if ckpt is None:
-        raise SystemExit(f"export: no finished checkpoint in {save_dir} (latest_checkpointed_iteration.txt missing)")
+        raise SystemExit(
+            f"export: no finished checkpoint in {save_dir} (latest_checkpointed_iteration.txt missing)"
+        )
     return {"save_dir": str(save_dir), "iteration": ckpt.iteration, "input_dir": str(ckpt.path)}
 
 
@@ -43,10 +45,15 @@ def export(
             done = json.loads(marker.read_text())
         except ValueError:
             done = None
-        if done is not None and done.get("save_dir") == record["save_dir"] and done.get("iteration") == record[
-            "iteration"
-        ]:
-            print(f"export: {output_dir} already holds iteration {record['iteration']}; nothing to do", flush=True)
+        if (
+            done is not None
+            and done.get("save_dir") == record["save_dir"]
+            and done.get("iteration") == record["iteration"]
+        ):
+            print(
+                f"export: {output_dir} already holds iteration {record['iteration']}; nothing to do",
+                flush=True,
+            )
             return 0
     scratch = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
     if scratch.exists():
