@@ -228,6 +228,8 @@ def download_source(
                     multipart_threshold=s3_multipart_threshold,
                     multipart_chunksize=s3_multipart_chunksize,
                 )
+        except ChecksumMismatchError as e:
+            raise ChecksumMismatchError(f"source {name!r} ({backend}: {where}): nothing promoted: {e}") from e
         except DownloadError:
             raise
         except Exception as e:

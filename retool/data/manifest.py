@@ -40,12 +40,26 @@ class RemoteFile:
     multipart_etag: str | None = None  # S3 multipart ETag "<md5 of part md5s>-<parts>"
     part_size: int | None = None  # needed to recompute a multipart ETag
 
+    @property
+    def check(self) -> str:
+        """The strongest check this listing allows ("size" when the remote publishes no checksum)."""
+        if self.sha256:
+            return "sha256"
+        if self.git_sha1:
+            return "git_sha1"
+        if self.md5:
+            return "md5"
+        if self.multipart_etag and self.part_size:
+            return "multipart_etag"
+        return "size"
+
 
 @dataclass(frozen=True)
 class LocalFile:
     path: str
     size: int
-    sha256: str
+    sha256: str  # empty when checksums were not computed
+    verified_by: str  # which remote check the file passed: sha256 | git_sha1 | md5 | multipart_etag | size
 
 
 def hash_file(path: Path, remote: RemoteFile, bar: tqdm | None = None) -> tuple[str, list[str]]:
@@ -115,7 +129,7 @@ def verify_files(
                 digest, problems = "", ([] if size == rf.size else [f"size {size} != expected {rf.size}"])
             if problems:
                 bad[rf.path] = problems
-            records.append(LocalFile(rf.path, rf.size, digest))
+            records.append(LocalFile(rf.path, rf.size, digest, rf.check if checksums else "size"))
     return records, bad
 
 

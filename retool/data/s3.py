@@ -10,6 +10,7 @@ object's first part).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,10 +19,13 @@ from typing import Any
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
+from botocore.exceptions import FlexibleChecksumError
 from huggingface_hub.utils import filter_repo_objects
 from tqdm.auto import tqdm
 
-from retool.data.manifest import RemoteFile
+from retool.data.manifest import ChecksumMismatchError, RemoteFile
+
+log = logging.getLogger(__name__)
 
 PART_SUFFIX = ".retool-part"
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
@@ -72,10 +76,19 @@ def list_files(
         obj = objects[rel]
         etag = obj["ETag"].strip('"')
         if "-" in etag:
-            head = client.head_object(Bucket=bucket, Key=prefix + rel, PartNumber=1)
-            files.append(
-                RemoteFile(rel, obj["Size"], multipart_etag=etag, part_size=int(head["ContentLength"]))
-            )
+            part_size = 0
+            try:
+                head = client.head_object(Bucket=bucket, Key=prefix + rel, PartNumber=1)
+                part_size = int(head.get("ContentLength") or 0)
+            except Exception as e:  # some S3-compatible stores do not answer per-part HEADs
+                log.warning("s3://%s/%s%s: no part size (%s)", bucket, prefix, rel, e)
+            if part_size > 0:
+                files.append(RemoteFile(rel, obj["Size"], multipart_etag=etag, part_size=part_size))
+            else:
+                log.warning(
+                    "s3://%s/%s%s: multipart ETag not checkable; verifying its size only", bucket, prefix, rel
+                )
+                files.append(RemoteFile(rel, obj["Size"]))
         elif len(etag) == 32:
             files.append(RemoteFile(rel, obj["Size"], md5=etag))
         else:  # an ETag that is not an md5 (e.g. some SSE modes): size only
@@ -118,10 +131,14 @@ def fetch(
             target = dest / f.path
             target.parent.mkdir(parents=True, exist_ok=True)
             part = target.with_name(target.name + PART_SUFFIX)
-            with part.open("wb") as fh:
-                client.download_fileobj(bucket, prefix + f.path, fh, Config=config, Callback=bar.update)
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                with part.open("wb") as fh:
+                    client.download_fileobj(bucket, prefix + f.path, fh, Config=config, Callback=bar.update)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except FlexibleChecksumError as e:  # botocore checked the object's own checksum for us
+                part.unlink(missing_ok=True)
+                raise ChecksumMismatchError(f"{f.path}: {e}") from e
             os.replace(part, target)
 
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(todo) or 1))) as pool:

@@ -69,6 +69,8 @@ def test_downloads_dataset_and_model_through_hf_endpoint(
     assert manifest["resolved"] == _repos()[0].revisions["main"]
     by_path = {f["path"]: f for f in manifest["files"]}
     assert by_path["data/train-00000-of-00001.parquet"]["sha256"] == hashlib.sha256(PARQUET).hexdigest()
+    assert by_path["data/train-00000-of-00001.parquet"]["verified_by"] == "sha256"  # LFS
+    assert by_path["README.md"]["verified_by"] == "git_sha1"  # plain git blob
     assert [s.status for s in report.sources] == ["downloaded", "downloaded"]
     assert report.sources[1].bytes == len(WEIGHTS) + len(b'{"model_type": "qwen3"}')
     assert report.metrics()["download/files"] == 4.0
