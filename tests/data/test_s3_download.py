@@ -72,7 +72,11 @@ def test_mirror_download_verifies_md5_and_multipart_etags(moto_url: str, tmp_pat
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["complete"] and manifest["spec"]["s3_uri"] == uri
     checks = {f["path"]: f["verified_by"] for f in manifest["files"]}
-    assert checks == {"config.json": "md5", "model.safetensors": "multipart_etag", "sub/tokenizer.json": "md5"}
+    assert checks == {
+        "config.json": "md5",
+        "model.safetensors": "multipart_etag",
+        "sub/tokenizer.json": "md5",
+    }
     assert not list(tmp_path.glob(".*.partial"))
 
 
