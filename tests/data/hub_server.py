@@ -11,7 +11,7 @@ and honour `Range: bytes=N-`.
 
 Faults, for the failure tests: `corrupt` (serve bytes that differ from the listed checksums, same length),
 `drop_once` (close the connection half-way through the first full GET of a file), `fail` (answer 500 to
-GETs of a file).
+GETs of a file), `throttle` (serve a file slowly).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -54,6 +55,7 @@ class HubServer:
         self.corrupt: set[str] = set()
         self.drop_once: set[str] = set()
         self.fail: set[str] = set()
+        self.throttle: set[str] = set()  # served in 64 KiB pieces, 50 ms apart
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self._dropped: set[str] = set()
         self._lock = threading.Lock()
@@ -225,5 +227,11 @@ class HubServer:
             h.wfile.write(body[: len(body) // 2])
             h.wfile.flush()
             h.close_connection = True
+            return
+        if filename in self.throttle:
+            for i in range(0, len(body), 1 << 16):
+                h.wfile.write(body[i : i + (1 << 16)])
+                h.wfile.flush()
+                time.sleep(0.05)
             return
         h.wfile.write(body)

@@ -7,6 +7,9 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,6 +147,41 @@ def test_interrupted_download_promotes_nothing_and_resumes(tmp_path: Path) -> No
     assert report.sources[0].status == "downloaded"
     assert {p: (tmp_path / "d" / p).read_bytes() for p in files} == files
     assert not partial.exists()
+
+
+def test_killed_download_leaves_only_the_partial_directory(tmp_path: Path) -> None:
+    """SIGKILL mid-transfer (no cleanup runs): no out_dir/<name> appears; the next run resumes."""
+    files = {"a.bin": os.urandom(20_000), "b.bin": os.urandom(4 * 1024 * 1024)}
+    repo = FakeRepo("org/slow", "model", dict(files), lfs={"b.bin"})
+    script = (
+        "import sys; from retool.data import SourceConfig, download; "
+        "download({'m': SourceConfig(repo_id='org/slow', repo_type='model')}, sys.argv[1], "
+        "hub_endpoint=sys.argv[2], max_workers=1)"
+    )
+    with HubServer([repo]) as server:
+        server.throttle.add("b.bin")  # about 3 s to serve
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path), server.url], stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not server.gets("b.bin"):
+                assert proc.poll() is None and time.monotonic() < deadline, "download never reached b.bin"
+                time.sleep(0.05)
+            time.sleep(0.3)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert not (tmp_path / "m").exists()
+        partial = tmp_path / ".m.partial"
+        assert (partial / "a.bin").read_bytes() == files["a.bin"] and not (partial / "b.bin").exists()
+        server.throttle.clear()
+        report = download(
+            {"m": SourceConfig(repo_id="org/slow", repo_type="model")}, tmp_path, hub_endpoint=server.url
+        )
+        assert len(server.gets("a.bin")) == 1
+    assert report.sources[0].status == "downloaded"
+    assert {p: (tmp_path / "m" / p).read_bytes() for p in files} == files
 
 
 def test_checksum_mismatch_is_an_error_and_nothing_is_promoted(tmp_path: Path) -> None:
