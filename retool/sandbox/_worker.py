@@ -1,0 +1,760 @@
+"""Fork-server worker: runs as its own interpreter (``python -I -c <this source> <json>``), inside the tier's
+isolation, imports and warms the heavy modules once, then serves calls by forking.
+
+Standalone on purpose: it imports nothing from ``retool`` (the project directory is not visible inside the
+strong tiers). Protocol on fds 0 (requests) and 1 (responses): 4-byte big-endian length + JSON.
+
+One call = one pre-forked child. The child waits on a private pipe for its code, then sets rlimits, drops
+privileges, makes a fresh scratch dir, clears the environment and runs the code. The worker relays the
+child's stdout/stderr through a hard cap, kills the child at the wall limit, kills every leftover descendant
+(it is pid 1 or a child subreaper, so orphans come back to it) and wipes the writable area before the next
+call. The next child is forked while the current one runs, so a fork is rarely on the critical path.
+"""
+
+import ctypes
+import gc
+import json
+import os
+import resource
+import select
+import shutil
+import signal
+import struct
+import sys
+import time
+
+CFG = json.loads(sys.argv[1])
+TIER = CFG["tier"]
+LIBC = ctypes.CDLL(None, use_errno=True)
+MEMORY_EXIT = 86  # exit code the child uses for MemoryError
+HDR = struct.Struct("!I")
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 4, 24, 28
+PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 4096, 16384, 1 << 18
+SYS_MOUNT_SETATTR = 442  # same number on x86_64 and aarch64
+SAFE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MPLBACKEND": "Agg",
+}
+
+
+def _check(ret, what):
+    if ret != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def prctl(option, arg=0):
+    _check(LIBC.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+def send(fd, obj):
+    data = json.dumps(obj).encode()
+    data = HDR.pack(len(data)) + data
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def recv(fd):
+    head = _read_exact(fd, HDR.size)
+    if head is None:
+        return None
+    body = _read_exact(fd, HDR.unpack(head)[0])
+    return None if body is None else json.loads(body)
+
+
+def _read_exact(fd, n):
+    chunks, got = [], 0
+    while got < n:
+        b = os.read(fd, n - got)
+        if not b:
+            return None
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
+# ---------------------------------------------------------------- namespaces tier set-up (no bwrap)
+
+
+def mount(src, target, fstype, flags, data=None):
+    _check(
+        LIBC.mount(
+            src.encode() if src else None,
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+class MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def enter_namespaces():
+    """Create user/pid/mount/net/ipc/uts namespaces; return in the process that is pid 1 inside them.
+
+    The creator (this process, P) writes the uid map: as root it maps 0 and the call uids 1:1 so calls run
+    as unprivileged uids; otherwise it maps the single current uid to 0 and calls drop capabilities instead.
+    """
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # C
+        os.close(r1)
+        os.close(w2)
+        try:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            _check(
+                LIBC.unshare(
+                    CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
+                ),
+                "unshare",
+            )
+            os.write(w1, b"u")
+            if os.read(r2, 1) != b"m":
+                os._exit(71)
+            g = os.fork()
+            if g == 0:  # G: pid 1 of the new pid namespace
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                return
+            os.close(REQ_FD)
+            os.close(RESP_FD)
+            _, st = os.waitpid(g, 0)
+            os._exit(os.waitstatus_to_exitcode(st) & 0xFF)
+        except BaseException as e:  # noqa: BLE001
+            try:
+                send(RESP_FD, {"fatal": f"namespaces: {type(e).__name__}: {e}"})
+            finally:
+                os._exit(72)
+    os.close(w1)
+    os.close(r2)
+    os.close(REQ_FD)
+    os.close(RESP_FD)
+    if os.read(r1, 1) == b"u":
+        if os.geteuid() == 0:
+            lo, n = CFG["uid_base"], CFG["uid_count"]
+            uid_map = f"0 0 1\n{lo} {lo} {n}\n"
+            gid_map = uid_map
+        else:
+            with open(f"/proc/{pid}/setgroups", "w") as f:
+                f.write("deny")
+            uid_map, gid_map = f"0 {os.geteuid()} 1\n", f"0 {os.getegid()} 1\n"
+        with open(f"/proc/{pid}/uid_map", "w") as f:
+            f.write(uid_map)
+        with open(f"/proc/{pid}/gid_map", "w") as f:
+            f.write(gid_map)
+        os.write(w2, b"m")
+    _, st = os.waitpid(pid, 0)
+    os._exit(os.waitstatus_to_exitcode(st) & 0xFF)
+
+
+def setup_mounts():
+    """Hide host paths (home, project, /run, ...) under empty tmpfs, keep the interpreter, make it all
+    read-only, then give the calls a fresh /proc and a private writable /tmp."""
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    keep = [os.path.realpath(k) for k in CFG["keep"] if os.path.isdir(k)]
+    keep_fds = {k: os.open(k, os.O_PATH | os.O_DIRECTORY) for k in keep}
+    done = []
+    for d in sorted({os.path.realpath(h) for h in CFG["hide"] if os.path.isdir(h)}):
+        if any(d == x or d.startswith(x + "/") for x in done):
+            continue
+        if any(d == k or d.startswith(k + "/") for k in keep):
+            continue
+        mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+        for k in keep:
+            if k.startswith(d + "/"):
+                os.makedirs(k, exist_ok=True)
+                mount(f"/proc/self/fd/{keep_fds[k]}", k, None, MS_BIND | MS_REC)
+        done.append(d)
+    for fd in keep_fds.values():
+        os.close(fd)
+    attr = MountAttr(attr_set=1)  # MOUNT_ATTR_RDONLY
+    ret = LIBC.syscall(SYS_MOUNT_SETATTR, -100, b"/", 0x8000, ctypes.byref(attr), ctypes.sizeof(attr))
+    _check(ret, "mount_setattr(/, AT_RECURSIVE, RDONLY)")
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={CFG['tmp_mb']}m")
+
+
+# ---------------------------------------------------------------- privilege drop in a call's child
+
+
+def drop_capabilities():
+    """As uid 0 of our own user namespace (no other uid mapped): drop every capability for good."""
+    prctl(PR_SET_SECUREBITS, 0x2F)  # NOROOT, NOROOT_LOCKED, NO_SETUID_FIXUP(+LOCKED), KEEP_CAPS_LOCKED
+    for cap in range(64):
+        if LIBC.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0:
+            break
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [
+            ("effective", ctypes.c_uint32),
+            ("permitted", ctypes.c_uint32),
+            ("inheritable", ctypes.c_uint32),
+        ]
+
+    hdr = Header(0x20080522, 0)
+    data = (Data * 2)()
+    _check(LIBC.capset(ctypes.byref(hdr), ctypes.byref(data)), "capset")
+
+
+def drop_privileges():
+    uid = CFG["call_uid"]
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    elif TIER == "namespaces":
+        drop_capabilities()
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+# ---------------------------------------------------------------- the call's child
+
+
+def short_traceback(exc):
+    import traceback
+
+    te = traceback.TracebackException.from_exception(exc, limit=None, capture_locals=False)
+    frames = list(te.stack)
+    first = next((i for i, f in enumerate(frames) if f.filename == "<code>"), len(frames))
+    frames = [f for f in frames[first:] if f.filename != "<string>"][-4:]
+    te.stack = traceback.StackSummary.from_list(frames)
+    te.__cause__ = te.__context__ = None
+    lines = list(te.format(chain=False))
+    if not frames:
+        lines = [x for x in lines if not x.startswith("Traceback")]
+    return "".join(lines)
+
+
+def child_main(code_r, out_w, err_w, done_w, keep_fds):
+    """A spare child: set up everything ahead of time, then wait for code, run it, report, exit."""
+    os.setsid()
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.dup2(DEVNULL, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    keep = sorted({0, 1, 2, code_r, done_w, *keep_fds})
+    lo = 3
+    for fd in keep:
+        if fd >= lo:
+            os.closerange(lo, fd)
+            lo = fd + 1
+    os.closerange(lo, 65536)
+    scratch = SCRATCH
+    os.mkdir(scratch, 0o700)
+    if CFG["call_uid"] is not None:
+        os.chown(scratch, CFG["call_uid"], CFG["call_uid"])
+    os.chdir(scratch)
+    lim = CFG["limits"]
+    cpu = max(1, int(lim["cpu_time_s"]))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (lim["fsize"], lim["fsize"]))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lim["nofile"], lim["nofile"]))
+    if NPROC is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, NPROC))
+    drop_privileges()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    os.environ.clear()
+    os.environ.update(SAFE_ENV, HOME=scratch, TMPDIR=scratch, PWD=scratch)
+    sys.argv = ["<code>"]
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    import builtins
+    import linecache
+
+    glb = {"__name__": "__main__", "__builtins__": builtins, "__file__": "<code>"}
+    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+    chunks = []
+    while True:
+        b = os.read(code_r, 1 << 20)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(code_r)
+    if not chunks:
+        os._exit(0)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # counted from here: the wait was idle
+    src = b"".join(chunks).decode("utf-8", "replace")
+    linecache.cache["<code>"] = (len(src), None, src.splitlines(True), "<code>")
+    rc = 0
+    try:
+        exec(compile(src, "<code>", "exec"), glb)  # the sandbox's purpose: run the model's code here
+    except SystemExit as e:
+        if e.code is None:
+            rc = 0
+        elif isinstance(e.code, int):
+            rc = e.code & 0xFF
+        else:
+            _flush()
+            print(e.code, file=sys.stderr)
+            rc = 1
+    except MemoryError as e:
+        rc = MEMORY_EXIT
+        _report(e)
+    except BaseException as e:  # noqa: BLE001
+        rc = 1
+        _report(e)
+    _flush()
+    try:
+        os.write(done_w, bytes([rc & 0xFF]))  # all output is in the pipes: the worker may answer now
+    finally:
+        os._exit(rc)
+
+
+def _flush():
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+
+
+def _report(e):
+    _flush()
+    try:
+        sys.stderr.write(short_traceback(e))
+    except BaseException:  # noqa: BLE001
+        try:
+            os.write(2, f"{type(e).__name__}: {e}\n".encode(errors="replace"))
+        except BaseException:  # noqa: BLE001
+            pass
+
+
+# ---------------------------------------------------------------- the fork server
+
+
+class Child:
+    __slots__ = ("pid", "code_w", "out_r", "err_r", "done_r", "pidfd")
+
+    def __init__(self, pid, code_w, out_r, err_r, done_r):
+        self.pid, self.code_w, self.out_r, self.err_r, self.done_r = pid, code_w, out_r, err_r, done_r
+        self.pidfd = os.pidfd_open(pid)
+
+    def close(self):
+        for fd in (self.code_w, self.out_r, self.err_r, self.done_r, self.pidfd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.code_w = self.out_r = self.err_r = self.done_r = self.pidfd = None
+
+
+def fork_child():
+    code_r, code_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child_main(code_r, out_w, err_w, done_w, PATH_FDS)
+        except BaseException as e:  # noqa: BLE001
+            try:
+                os.write(2, f"sandbox child set-up failed: {type(e).__name__}: {e}\n".encode())
+            except BaseException:  # noqa: BLE001
+                pass
+        os._exit(70)
+    for fd in (code_r, out_w, err_w, done_w):
+        os.close(fd)
+    return Child(pid, code_w, out_r, err_r, done_r)
+
+
+def children_of(pid):
+    out = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def reap_all():
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def kill_leftovers():
+    """SIGKILL every descendant until none is left (orphans are reparented to us: pid 1 or subreaper)."""
+    for _ in range(100000):
+        reap_all()
+        todo, seen = children_of(MYPID), []
+        while todo:
+            p = todo.pop()
+            seen.append(p)
+            todo.extend(children_of(p))
+        if not seen:
+            return
+        for p in seen:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.0002)
+
+
+def wipe_scratch():
+    def onerror(func, path, exc):
+        try:
+            os.chmod(os.path.dirname(path), 0o700)
+            os.chmod(path, 0o700)
+            func(path)
+        except OSError:
+            pass
+
+    if WIPE_ALL_TMP:
+        try:
+            entries = list(os.scandir("/tmp"))
+        except OSError:
+            return
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, onerror=onerror)
+                else:
+                    os.unlink(e.path)
+            except OSError:
+                pass
+    elif os.path.lexists(SCRATCH):
+        shutil.rmtree(SCRATCH, onerror=onerror)
+
+
+def _drain(fd, buf, cap):
+    """Read what is already in a pipe (descendants may still hold its write end); True if over cap."""
+    os.set_blocking(fd, False)
+    try:
+        while len(buf) <= cap:
+            b = os.read(fd, 65536)
+            if not b:
+                break
+            buf += b
+    except BlockingIOError:
+        pass
+    if len(buf) > cap:
+        del buf[cap:]
+        return True
+    return False
+
+
+def run_call(child, req):
+    """Hand the code to the pre-forked child, relay its output through the cap, enforce the wall limit.
+
+    Returns (response, finished) where the response can be sent before the child has been reaped.
+    """
+    t0 = time.monotonic()
+    code = req["code"].encode("utf-8", "surrogatepass")
+    try:
+        view = memoryview(code)
+        while view:
+            view = view[os.write(child.code_w, view) :]
+    except BrokenPipeError:
+        pass
+    os.close(child.code_w)
+    child.code_w = None
+    timeout = float(req.get("timeout") or CFG["limits"]["wall_timeout_s"])
+    deadline = t0 + timeout
+    cap = CFG["limits"]["max_output_bytes"]
+    out, err = bytearray(), bytearray()
+    bufs = {child.out_r: out, child.err_r: err}
+    truncated = timed_out = exited = parent_gone = False
+    rc = None
+    poller = select.poll()
+    for fd in (child.out_r, child.err_r, child.done_r, child.pidfd, REQ_FD):
+        poller.register(fd, select.POLLIN)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            timed_out = True
+            break
+        stop = False
+        for fd, _ev in poller.poll(remaining * 1000):
+            if fd == REQ_FD:
+                parent_gone = stop = True
+            elif fd == child.done_r:
+                b = os.read(child.done_r, 1)
+                if b:
+                    rc = b[0]
+                poller.unregister(fd)
+                stop = True
+            elif fd == child.pidfd:
+                exited = stop = True
+            elif fd in bufs:
+                b = os.read(fd, 65536)
+                if not b:
+                    poller.unregister(fd)
+                    continue
+                buf = bufs[fd]
+                buf += b
+                if len(buf) > cap:
+                    del buf[cap:]
+                    truncated = stop = True
+        if stop:
+            break
+    st = None
+    if rc is None and not exited:
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    elif not truncated:
+        truncated = _drain(child.out_r, out, cap) | _drain(child.err_r, err, cap)
+    if rc is None:  # died without reporting (signal, rlimit) or killed by us: the exit status tells
+        _, st, ru = os.wait4(child.pid, 0)
+    duration = time.monotonic() - t0
+    if parent_gone:
+        return None
+    if timed_out:
+        status, exit_code = "timeout", None
+    elif rc is not None:
+        exit_code = rc
+        status = "ok" if rc == 0 else "memory" if rc == MEMORY_EXIT else "error"
+    elif truncated:
+        status, exit_code = "error", None
+    else:
+        exit_code = os.waitstatus_to_exitcode(st)
+        cpu = ru.ru_utime + ru.ru_stime
+        if exit_code < 0 and (
+            -exit_code == signal.SIGXCPU
+            or (-exit_code == signal.SIGKILL and cpu >= CFG["limits"]["cpu_time_s"] - 0.05)
+        ):
+            status = "timeout"
+        elif exit_code == MEMORY_EXIT:
+            status = "memory"
+        else:
+            status = "ok" if exit_code == 0 else "error"
+    res = {
+        "status": status,
+        "stdout": out.decode("utf-8", "replace"),
+        "stderr": err.decode("utf-8", "replace"),
+        "truncated": truncated,
+        "exit_code": exit_code,
+        "duration_s": duration,
+        "timeout_s": None,
+    }
+    if status == "timeout":
+        res["timeout_s"] = timeout if timed_out else float(CFG["limits"]["cpu_time_s"])
+    return res
+
+
+def finish(child):
+    """After the answer is sent: make sure the child and everything it started are gone, wipe scratch."""
+    try:
+        os.kill(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(child.pid, 0)
+    except ChildProcessError:
+        pass
+    child.close()
+    kill_leftovers()
+    wipe_scratch()
+
+
+def serve():
+    spare = fork_child()
+    while True:
+        req = recv(REQ_FD)
+        if req is None:
+            break
+        child, spare = spare, None
+        res = run_call(child, req)
+        if res is None:
+            finish(child)
+            break
+        send(RESP_FD, res)
+        finish(child)
+        spare = fork_child()
+    if spare is not None:
+        spare.close()
+    kill_leftovers()
+    wipe_scratch()
+    os._exit(0)
+
+
+def count_processes_of(uid):
+    n = 0
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if os.stat(f"/proc/{p}").st_uid == uid:
+                    n += 1
+            except OSError:
+                pass
+    return n
+
+
+def preload_and_warm():
+    for name in CFG["preload"]:
+        __import__(name)
+    if not CFG["warmup"]:
+        return
+    mods = sys.modules
+    if "sympy" in mods:
+        sp = mods["sympy"]
+        x, y = sp.symbols("x y")
+        sp.factor(x**4 - 1)
+        sp.solve([x + y - 3, x - y - 1], [x, y])
+        sp.simplify(sp.sin(x) ** 2 + sp.cos(x) ** 2)
+        sp.integrate(x * sp.exp(x), x)
+        sp.expand((x + 1) ** 5)
+        sp.Rational(3, 4) + sp.Rational(1, 6)
+        sp.sqrt(8)
+        sp.isprime(97)
+        sp.N(sp.pi, 20)
+        sp.Matrix([[1, 2], [3, 4]]).det()
+        sp.latex(x**2)
+        str(x**2 / 3)
+    if "numpy" in mods:
+        np = mods["numpy"]
+        a = np.arange(12, dtype=float).reshape(3, 4)
+        (a @ a.T).sum()
+        np.linalg.solve(np.eye(3) * 2.0, np.ones(3))
+        np.sort(np.random.default_rng(0).random(10))
+        str(a)
+    if "fractions" in mods:
+        str(mods["fractions"].Fraction(3, 4) + 1)
+    import traceback  # noqa: F401  used by the child's error path
+
+    try:
+        raise ValueError("warm")
+    except ValueError as e:
+        short_traceback(e)
+
+
+def exec_bwrap():
+    """Root only: expose the interpreter to an unprivileged uid, drop to it and exec bubblewrap.
+
+    bwrap resolves bind sources by path as the calling uid, and the interpreter may sit under a mode-700
+    home. In a private mount namespace, bind those directories under a fresh tmpfs on /tmp (the host's /tmp
+    is untouched), then become the sandbox uid: RLIMIT_NPROC is not enforced for uid 0.
+    """
+    os.dup2(REQ_FD, 0)
+    os.dup2(RESP_FD, 1)
+    _check(LIBC.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+    for src, dst in CFG["stage"]:
+        os.mkdir(dst, 0o755)
+        mount(src, dst, None, MS_BIND | MS_REC)
+        mount(None, dst, None, MS_BIND | MS_REC | MS_RDONLY | 32)  # MS_REMOUNT
+    uid = CFG["bwrap_uid"]
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    os.execv(CFG["bwrap_argv"][0], CFG["bwrap_argv"])
+
+
+def main():
+    global REQ_FD, RESP_FD, DEVNULL, SCRATCH, WIPE_ALL_TMP, MYPID, NPROC, AS_LIMIT, PATH_FDS
+    REQ_FD, RESP_FD = os.dup(0), os.dup(1)
+    DEVNULL = os.open(os.devnull, os.O_RDWR)
+    os.dup2(DEVNULL, 0)
+    os.dup2(DEVNULL, 1)
+    if TIER == "bwrap-launch":
+        try:
+            exec_bwrap()
+        except BaseException as e:  # noqa: BLE001
+            send(RESP_FD, {"fatal": f"bwrap launcher: {type(e).__name__}: {e}"})
+            os._exit(3)
+    try:
+        if CFG.get("probe"):
+            CFG["preload"], CFG["warmup"] = [], False
+        preload_and_warm()
+        if TIER == "namespaces":
+            enter_namespaces()  # returns in pid 1 of the new namespaces
+            setup_mounts()
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+        prctl(PR_SET_DUMPABLE, 0)
+        MYPID = os.getpid()
+        PATH_FDS = []
+        if TIER == "process":
+            SCRATCH = CFG["scratch_dir"]
+            WIPE_ALL_TMP = False
+            if CFG["call_uid"] is not None:
+                # the call's uid may not reach the interpreter (e.g. under a mode-700 home): import through
+                # directory fds opened now, which need no search permission on their parents
+                PATH_FDS = _path_fds()
+        else:
+            SCRATCH, WIPE_ALL_TMP = "/tmp/work", True
+        lim = CFG["limits"]
+        if CFG["call_uid"] is not None or TIER != "process":
+            NPROC = lim["max_processes"] + 4
+        else:  # unprivileged process tier: RLIMIT_NPROC counts every process of this uid on the machine
+            NPROC = count_processes_of(os.getuid()) + lim["max_processes"] + 4
+        vsz = _vsz()
+        AS_LIMIT = vsz + lim["memory_mb"] * (1 << 20)
+        gc.collect()
+        gc.freeze()
+        send(RESP_FD, {"ready": True, "tier": TIER, "pid": os.getpid(), "vsz": vsz})
+    except BaseException as e:  # noqa: BLE001
+        send(RESP_FD, {"fatal": f"{type(e).__name__}: {e}"})
+        os._exit(3)
+    serve()
+
+
+def _vsz():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _path_fds():
+    fds, mapping = [], {}
+    for i, p in enumerate(list(sys.path)):
+        if not p or not os.path.isdir(p):
+            continue
+        rp = os.path.realpath(p)
+        fd = os.open(rp, os.O_RDONLY | os.O_DIRECTORY)
+        fds.append(fd)
+        mapping[rp] = f"/proc/self/fd/{fd}"
+        sys.path[i] = mapping[rp]
+    for mod in list(sys.modules.values()):
+        paths = getattr(mod, "__path__", None)
+        if isinstance(paths, list):
+            for j, p in enumerate(paths):
+                for rp, new in mapping.items():
+                    if isinstance(p, str) and (p == rp or p.startswith(rp + "/")):
+                        paths[j] = new + p[len(rp) :]
+                        break
+    sys.path_importer_cache.clear()
+    return fds
+
+
+REQ_FD = RESP_FD = DEVNULL = MYPID = AS_LIMIT = -1
+NPROC = None
+SCRATCH = ""
+WIPE_ALL_TMP = False
+PATH_FDS = []
+if __name__ == "__main__":
+    main()
