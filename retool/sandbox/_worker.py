@@ -11,6 +11,7 @@ child's stdout/stderr through a hard cap, kills the child at the wall limit, kil
 call. The next child is forked while the current one runs, so a fork is rarely on the critical path.
 """
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -169,7 +170,7 @@ def setup_mounts():
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     keep = [os.path.realpath(k) for k in CFG["keep"] if os.path.isdir(k)]
     keep_fds = {k: os.open(k, os.O_PATH | os.O_DIRECTORY) for k in keep}
-    done = []
+    done: list[str] = []
     for d in sorted({os.path.realpath(h) for h in CFG["hide"] if os.path.isdir(h)}):
         if any(d == x or d.startswith(x + "/") for x in done):
             continue
@@ -277,8 +278,8 @@ def child_main(code_r, out_w, err_w, done_w, keep_fds):
     os.environ.clear()
     os.environ.update(SAFE_ENV, HOME=scratch, TMPDIR=scratch, PWD=scratch)
     sys.argv = ["<code>"]
-    sys.stdout.reconfigure(line_buffering=True)
-    sys.stderr.reconfigure(line_buffering=True)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     import builtins
     import linecache
 
@@ -323,10 +324,8 @@ def child_main(code_r, out_w, err_w, done_w, keep_fds):
 
 def _flush():
     for f in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(BaseException):
             f.flush()
-        except BaseException:  # noqa: BLE001
-            pass
 
 
 def _report(e):
@@ -334,10 +333,8 @@ def _report(e):
     try:
         sys.stderr.write(short_traceback(e))
     except BaseException:  # noqa: BLE001
-        try:
+        with contextlib.suppress(BaseException):
             os.write(2, f"{type(e).__name__}: {e}\n".encode(errors="replace"))
-        except BaseException:  # noqa: BLE001
-            pass
 
 
 # ---------------------------------------------------------------- the fork server
@@ -353,11 +350,9 @@ class Child:
     def close(self):
         for fd in (self.code_w, self.out_r, self.err_r, self.done_r, self.pidfd):
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
-        self.code_w = self.out_r = self.err_r = self.done_r = self.pidfd = None
+        self.code_w = self.out_r = self.err_r = self.done_r = self.pidfd = None  # type: ignore[assignment]
 
 
 def fork_child():
@@ -370,10 +365,8 @@ def fork_child():
         try:
             child_main(code_r, out_w, err_w, done_w, PATH_FDS)
         except BaseException as e:  # noqa: BLE001
-            try:
+            with contextlib.suppress(BaseException):
                 os.write(2, f"sandbox child set-up failed: {type(e).__name__}: {e}\n".encode())
-            except BaseException:  # noqa: BLE001
-                pass
         os._exit(70)
     for fd in (code_r, out_w, err_w, done_w):
         os.close(fd)
@@ -381,7 +374,7 @@ def fork_child():
 
 
 def children_of(pid):
-    out = []
+    out: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -417,10 +410,8 @@ def kill_leftovers():
         if not seen:
             return
         for p in seen:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.0002)
 
 
@@ -523,10 +514,8 @@ def run_call(child, req):
             break
     st = None
     if rc is None and not exited:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     elif not truncated:
         truncated = _drain(child.out_r, out, cap) | _drain(child.err_r, err, cap)
     if rc is None:  # died without reporting (signal, rlimit) or killed by us: the exit status tells
@@ -542,7 +531,7 @@ def run_call(child, req):
     elif truncated:
         status, exit_code = "error", None
     else:
-        exit_code = os.waitstatus_to_exitcode(st)
+        exit_code = os.waitstatus_to_exitcode(st or 0)
         cpu = ru.ru_utime + ru.ru_stime
         if exit_code < 0 and (
             -exit_code == signal.SIGXCPU
@@ -569,14 +558,10 @@ def run_call(child, req):
 
 def finish(child):
     """After the answer is sent: make sure the child and everything it started are gone, wipe scratch."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(child.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(child.pid, 0)
-    except ChildProcessError:
-        pass
     child.close()
     kill_leftovers()
     wipe_scratch()
@@ -755,6 +740,6 @@ REQ_FD = RESP_FD = DEVNULL = MYPID = AS_LIMIT = -1
 NPROC = None
 SCRATCH = ""
 WIPE_ALL_TMP = False
-PATH_FDS = []
+PATH_FDS: list[int] = []
 if __name__ == "__main__":
     main()

@@ -20,27 +20,30 @@ class SandboxConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    wall_timeout_s: float = Field(10.0, gt=0, le=3600, description="wall-clock limit of one call")
-    cpu_time_s: int = Field(10, ge=1, le=3600, description="RLIMIT_CPU of one call")
+    wall_timeout_s: float = Field(default=10.0, gt=0, le=3600, description="wall-clock limit of one call")
+    cpu_time_s: int = Field(default=10, ge=1, le=3600, description="RLIMIT_CPU of one call")
     memory_mb: int = Field(
-        512, ge=16, description="address space one call may add on top of the warm worker image"
+        default=512, ge=16, description="address space one call may add on top of the warm worker image"
     )
-    max_output_bytes: int = Field(16384, ge=256, description="cap on each of stdout and stderr")
-    max_processes: int = Field(16, ge=1, le=4096, description="processes one call may create")
-    max_file_mb: int = Field(64, ge=1, description="RLIMIT_FSIZE: largest file one call may write")
-    max_open_files: int = Field(256, ge=32, description="RLIMIT_NOFILE")
-    workers: int = Field(2, ge=1, le=256, description="fork-server workers = calls run at once")
+    max_output_bytes: int = Field(default=16384, ge=256, description="cap on each of stdout and stderr")
+    max_processes: int = Field(default=16, ge=1, le=4096, description="processes one call may create")
+    max_file_mb: int = Field(default=64, ge=1, description="RLIMIT_FSIZE: largest file one call may write")
+    max_open_files: int = Field(default=256, ge=32, description="RLIMIT_NOFILE")
+    workers: int = Field(default=2, ge=1, le=256, description="fork-server workers = calls run at once")
     preload: list[str] = Field(default_factory=lambda: list(DEFAULT_PRELOAD))
-    warmup: bool = Field(True, description="run sympy/numpy once in each worker so forked calls are fast")
+    warmup: bool = Field(
+        default=True, description="run sympy/numpy once in each worker so forked calls are fast"
+    )
     isolation: Isolation = "auto"
     uid_base: int = Field(
-        61000,
+        default=61000,
         ge=1000,
         description="when started as root, worker i's code runs as uid/gid uid_base+i (RLIMIT_NPROC is not enforced for uid 0)",
     )
     scratch_root: str | None = Field(
-        None, description="process tier only: where per-call scratch dirs are made (default: the temp dir)"
+        default=None,
+        description="process tier only: where per-call scratch dirs are made (default: the temp dir)",
     )
     start_timeout_s: float = Field(
-        120.0, gt=0, description="how long a worker may take to import and warm up"
+        default=120.0, gt=0, description="how long a worker may take to import and warm up"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -119,14 +120,10 @@ class _Worker:
             self.proc.stdout.close()
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
+        with contextlib.suppress(OSError):
             self.proc.kill()
-        except OSError:
-            pass
         self.proc.wait()
         for f in (self.proc.stdin, self.proc.stdout):
             try:
@@ -262,10 +259,8 @@ class Sandbox:
     @staticmethod
     def _cleanup(workers: list[_Worker], scratch: str | None) -> None:
         for w in list(workers):
-            try:
+            with contextlib.suppress(OSError):
                 w.proc.stdin.close() if w.proc.stdin else None
-            except OSError:
-                pass
         for w in list(workers):
             w.close()
         if scratch and os.path.isdir(scratch):

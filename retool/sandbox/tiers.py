@@ -135,7 +135,7 @@ def _probe(tier: str) -> str | None:
         return None
     if tier == "bwrap" and not shutil.which("bwrap"):
         return "bubblewrap (bwrap) is not installed"
-    limits = {"fsize": 1 << 20, "max_processes": 4, "memory_mb": 64, "cpu_time_s": 1}
+    limits: dict[str, float] = {"fsize": 1 << 20, "max_processes": 4, "memory_mb": 64, "cpu_time_s": 1}
     limits.update(wall_timeout_s=1.0, max_output_bytes=1024, nofile=64)
     cfg = {"preload": [], "warmup": False, "probe": True, "limits": limits}
     lnch = launch(tier, 0, cfg, 61000, None)
