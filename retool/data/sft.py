@@ -237,7 +237,8 @@ _SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
 def input_files(path: str | Path) -> list[Path]:
-    """A file, or every .parquet/.jsonl/.json under a directory (sorted; hidden paths ignored)."""
+    """A file, or the .parquet/.jsonl files under a directory (sorted; hidden paths ignored); .json files
+    only when there are none of those."""
     p = Path(path)
     if p.is_file():
         return [p]
@@ -252,7 +253,8 @@ def input_files(path: str | Path) -> list[Path]:
     )
     if not files:
         raise FileNotFoundError(f"no .parquet/.jsonl/.json files under {p}")
-    return files
+    rows = [f for f in files if f.suffix != ".json"]
+    return rows or files  # .json files in a repository with data files are metadata, not rows
 
 
 def count_rows(files: list[Path]) -> int | None:

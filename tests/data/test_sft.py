@@ -203,6 +203,7 @@ def test_parquet_directory_input_and_output_schema(tmp_path: Path) -> None:
         pq.write_table(table, raw / f"train-{shard:05d}-of-00002.parquet")
     (tmp_path / "raw" / ".cache").mkdir()
     (tmp_path / "raw" / ".cache" / "junk.jsonl").write_text("not read\n")
+    (tmp_path / "raw" / "dataset_info.json").write_text('{"features": {}}')  # metadata beside data files
     out = tmp_path / "sft.parquet"
     report = convert_sft(
         tmp_path / "raw", out, ConversionConfig(tool_format=True, batch_size=2), progress=False
