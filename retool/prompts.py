@@ -29,6 +29,10 @@ _TOOLS_INSTRUCTION = (
     "<tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 )
+_PROBE_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {"name": "retool_template_probe", "description": "probe", "parameters": {"type": "object"}},
+}
 _SENTINEL = "\u2063RETOOL_ASSISTANT_END\u2063"
 _RESULT_SLOT = "\u2063RETOOL_RESULT_{}\u2063"
 
@@ -111,12 +115,12 @@ class _TemplateInfo:
             try:
                 probe = tokenizer.apply_chat_template(
                     [{"role": "user", "content": "x"}],
-                    tools=tools or default_tools(),
+                    tools=tools or [_PROBE_TOOL],
                     tokenize=False,
                     add_generation_prompt=True,
                     **kwargs,
                 )
-                names = [t.get("function", {}).get("name", "") for t in (tools or default_tools())]
+                names = [t.get("function", {}).get("name", "") for t in (tools or [_PROBE_TOOL])]
                 self.supports_tools = isinstance(probe, str) and all(n and n in probe for n in names)
             except Exception:
                 self.supports_tools = False
@@ -140,7 +144,7 @@ class _TemplateInfo:
                 try:
                     text = tokenizer.apply_chat_template(
                         messages,
-                        tools=self._tools or default_tools(),
+                        tools=self._tools or [_PROBE_TOOL],
                         tokenize=False,
                         add_generation_prompt=True,
                         **self._kwargs,
@@ -168,7 +172,7 @@ _INFO: dict[tuple[int, str, str], _TemplateInfo] = {}
 def _template_info(
     tokenizer: Any, tools: list[dict[str, Any]] | None, kwargs: dict[str, Any] | None
 ) -> _TemplateInfo:
-    tools = default_tools() if tools is None else tools
+    tools = [_PROBE_TOOL] if tools is None else tools
     kwargs = kwargs or {}
     key = (id(tokenizer), json.dumps(tools, sort_keys=True), json.dumps(kwargs, sort_keys=True, default=str))
     with _INFO_LOCK:

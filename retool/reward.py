@@ -170,10 +170,10 @@ def _worker_main() -> None:
     limit = max(1, int(round(mv_timeout))) if mv_timeout > 0 else None
     gold_cache: OrderedDict[str, Any] = OrderedDict()
 
-    def _parse(text: str) -> Any:
-        return parse("\\boxed{" + text + "}", parsing_timeout=limit)  # type: ignore[arg-type]
+    def _parse(text: str, boxed: bool = True) -> Any:
+        return parse("\\boxed{" + text + "}" if boxed else text, parsing_timeout=limit)  # type: ignore[arg-type]
 
-    def _judge(pred: str, label: str) -> bool:
+    def _judge(pred: str, label: str, boxed: bool) -> bool:
         gold = gold_cache.get(label)
         if gold is None:
             gold = _parse(label)
@@ -182,7 +182,7 @@ def _worker_main() -> None:
                 gold_cache.popitem(last=False)
         if not gold:
             return pred.strip() == label.strip()
-        if bool(verify(gold, _parse(pred), timeout_seconds=limit)):
+        if bool(verify(gold, _parse(pred, boxed), timeout_seconds=limit)):
             return True
         stripped = _TEXT_RE.sub(lambda m: m.group(1) if re.search(r"\d", m.group(1)) else "", pred).strip()
         if stripped != pred and stripped:
@@ -192,8 +192,8 @@ def _worker_main() -> None:
     out.write("ready\n")
     for line in _sys.stdin:
         try:
-            pred, label = _json.loads(line)
-            reply: list[Any] = [_judge(pred, label), None]
+            pred, label, boxed = _json.loads(line)
+            reply: list[Any] = [_judge(pred, label, boxed), None]
         except Exception as exc:  # a parse error is a wrong answer, not a crash
             reply = [False, f"{type(exc).__name__}: {exc}"]
         out.write(_json.dumps(reply) + "\n")
@@ -220,8 +220,8 @@ class _Worker:
         self._fd = self.proc.stdout.fileno()
         self._buf = b""
 
-    def send(self, pred: str, label: str) -> None:
-        self._in.write((json.dumps([pred, label]) + "\n").encode())
+    def send(self, pred: str, label: str, boxed: bool) -> None:
+        self._in.write((json.dumps([pred, label, boxed]) + "\n").encode())
         self._in.flush()
 
     def readline(self, timeout_s: float) -> str | None:
@@ -291,7 +291,9 @@ class VerifyPool:
         worker.kill()
         threading.Thread(target=self._spawn, daemon=True, name="retool-verify-respawn").start()
 
-    def judge(self, pred: str, label: str, timeout_s: float) -> tuple[bool | None, str | None]:
+    def judge(
+        self, pred: str, label: str, timeout_s: float, boxed: bool = True
+    ) -> tuple[bool | None, str | None]:
         if self._closed:
             raise RuntimeError("VerifyPool is closed")
         try:
@@ -299,7 +301,7 @@ class VerifyPool:
         except queue.Empty:
             raise RuntimeError("no math-verify worker became available (workers fail to start?)") from None
         try:
-            worker.send(pred, label)
+            worker.send(pred, label, boxed)
             line = worker.readline(timeout_s)
             if line is not None:
                 correct, error = json.loads(line)
@@ -322,7 +324,7 @@ class VerifyPool:
 
 _POOLS: dict[tuple[int, float | None], VerifyPool] = {}
 _POOLS_LOCK = threading.Lock()
-_CACHE: OrderedDict[tuple[str, str], bool] = OrderedDict()
+_CACHE: OrderedDict[tuple[str, str, bool], bool] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
@@ -349,20 +351,23 @@ def shutdown_pools() -> None:
 atexit.register(shutdown_pools)
 
 
-def judge(pred: str, label: str, config: RewardConfig | None = None) -> tuple[bool, bool]:
-    """(correct, timed_out) of an extracted answer against a label under math-verify."""
+def judge(
+    pred: str, label: str, config: RewardConfig | None = None, *, boxed: bool = True
+) -> tuple[bool, bool]:
+    """(correct, timed_out) of an answer against a label under math-verify. ``boxed=False`` hands
+    free text to math-verify (it finds the answer itself)."""
     config = config or RewardConfig()
-    decided = fast_judge(pred, label)
+    decided = fast_judge(pred, label) if boxed else None
     if decided is not None:
         return decided, False
-    key = (pred, label)
+    key = (pred, label, boxed)
     if config.cache_size:
         with _CACHE_LOCK:
             hit = _CACHE.get(key)
             if hit is not None:
                 _CACHE.move_to_end(key)
                 return hit, False
-    correct, error = get_pool(config).judge(pred, label, config.timeout_s)
+    correct, error = get_pool(config).judge(pred, label, config.timeout_s, boxed)
     if correct is None:
         log.warning("math-verify timed out judging %.80r against %.80r", pred, label)
         return False, True
@@ -428,12 +433,13 @@ def score(
     if mode != "math_verify":
         raise ValueError(f"unknown reward mode {mode!r}: expected 'math_verify' or 'dapo_strict'")
     pred = extract_answer(response)
+    boxed = pred is not None
     candidate = pred
     if candidate is None and not config.require_boxed:
         candidate = response[-300:].strip() or None
     if candidate is None:
         return Reward(shaped_reward(False, False, num_tool_calls, config), False, None)
-    correct, timed_out = judge(candidate, label.strip(), config)
+    correct, timed_out = judge(candidate, label.strip(), config, boxed=boxed)
     return Reward(shaped_reward(correct, True, num_tool_calls, config), correct, candidate, timed_out)
 
 

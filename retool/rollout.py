@@ -388,8 +388,15 @@ async def run_episode(
         cut_off = gen.finish_reason == "length"
         runnable = [c for c in calls if c.closed or not cut_off]
         answer_at = last_answer_position(text)
-        if runnable and answer_at is not None and answer_at > runnable[-1].end:
-            runnable = []  # the model answered after its last call: the episode is done
+        if (
+            runnable
+            and runnable[-1].fmt == "markdown"
+            and answer_at is not None
+            and answer_at > runnable[-1].end
+        ):
+            # an untagged code block followed by an answer is part of the solution text, not a call;
+            # a tagged call always runs and whatever the model wrote after it (an invented output) is dropped
+            runnable = []
         if runnable:
             last_end = runnable[-1].end
             if text[last_end:].strip():
