@@ -120,7 +120,9 @@ def _wrong_guess(answer: int, rng: random.Random) -> int:
 
 
 def _code_block(code: str, output: str) -> str:
-    return f"<code>```python\n{code}\n```</code>\n<interpreter>{output.rstrip(chr(10))}</interpreter>\n"
+    """A call and its observation exactly as the episode loop appends one for a <code> call
+    (retool.prompts.format_interpreter), so SFT text and RL rollouts agree byte for byte."""
+    return f"<code>```python\n{code}\n```</code>\n<interpreter>\n{output.rstrip(chr(10))}\n</interpreter>\n"
 
 
 def _trace(item: _Item, style: str, cfg: SyntheticConfig, rng: random.Random) -> tuple[str, bool]:

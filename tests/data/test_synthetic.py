@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from retool.data import ConversionConfig, SyntheticConfig, convert_sft, load_problems, write_synthetic_task
 from retool.data.sft import split_assistant
 from retool.data.synthetic import run_print
+from retool.prompts import format_interpreter
 
 SMALL = SyntheticConfig(sft_size=400, train_size=120, eval_size=40)
 
@@ -64,6 +65,7 @@ def test_trace_mix_and_honest_interpreter_output(tmp_path: Path) -> None:
             continue
         code, output = segs[1].text, segs[2].text
         assert run_print(code).strip() == output == boxed[0]  # what Python prints, boxed as is
+        assert format_interpreter(output) in assistant["content"]  # the observation the episode loop appends
         assert (output == row["label"]) == (row["trace"] == "correct")
         assert len(assistant["content"]) < 150  # short and regular for a tiny model
     assert right / len(rows) == report.sft_correct_share
