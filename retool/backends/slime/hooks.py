@@ -96,6 +96,7 @@ class _State:
         url = f"http://{args.sglang_router_ip}:{args.sglang_router_port}/generate"
         self.engine = SGLangEngine(url, tokenizer)
         self._tools: Any = None
+        self._sandbox: Any = None
 
     @property
     def tools(self) -> Any:
@@ -103,7 +104,8 @@ class _State:
             from retool.sandbox import Sandbox, SandboxConfig
             from retool.tools import ToolRegistry
 
-            self._tools = ToolRegistry(Sandbox(SandboxConfig.model_validate(self.sandbox_settings)))
+            self._sandbox = Sandbox(SandboxConfig.model_validate(self.sandbox_settings))
+            self._tools = ToolRegistry(self._sandbox)
         return self._tools
 
     @classmethod
@@ -115,8 +117,11 @@ class _State:
 
     @classmethod
     def reset(cls) -> None:
+        """Drop the state (closing its sandbox); the next hook call builds it again."""
         with cls._lock:
-            cls._instance = None
+            instance, cls._instance = cls._instance, None
+        if instance is not None and instance._sandbox is not None:
+            instance._sandbox.close()
 
 
 def _rollout_for(

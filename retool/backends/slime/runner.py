@@ -113,12 +113,14 @@ class RayJobRunner:
         tail_lines: int = 200,
         stop_timeout_s: float = 60.0,
         log_drain_timeout_s: float = 10.0,
+        submit_retry_s: float = 60.0,
     ):
         self.address = resolve_address(address)
         self.poll_interval_s = poll_interval_s
         self.tail_lines = tail_lines
         self.stop_timeout_s = stop_timeout_s
         self.log_drain_timeout_s = log_drain_timeout_s
+        self.submit_retry_s = submit_retry_s
         self._stop = threading.Event()
         self._client_obj: Any = None
         self.job_id: str | None = None
@@ -137,14 +139,23 @@ class RayJobRunner:
     def submit(self, spec: JobSpec) -> str:
         res = spec.resources
         job_id = f"retool-{spec.name}-{uuid.uuid4().hex[:10]}"
-        self._client().submit_job(
-            entrypoint=spec.entrypoint,
-            submission_id=job_id,
-            runtime_env=spec.runtime_env,
-            metadata={"retool_stage": spec.name},
-            entrypoint_num_cpus=res.entrypoint_cpus,
-            entrypoint_num_gpus=res.entrypoint_gpus or None,
-        )
+        deadline = time.monotonic() + self.submit_retry_s
+        while True:
+            try:
+                self._client().submit_job(
+                    entrypoint=spec.entrypoint,
+                    submission_id=job_id,
+                    runtime_env=spec.runtime_env,
+                    metadata={"retool_stage": spec.name},
+                    entrypoint_num_cpus=res.entrypoint_cpus,
+                    entrypoint_num_gpus=res.entrypoint_gpus or None,
+                )
+                break
+            except RuntimeError as err:
+                # a freshly started head answers 500 "No available agent" until its job agent is up
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
         self.job_id = job_id
         return job_id
 
