@@ -20,6 +20,7 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -153,7 +154,7 @@ class ScriptedModel:
 
 async def _main(args: argparse.Namespace) -> None:
     tok = Tokenizer.from_file(f"{args.tokenizer}/tokenizer.json")
-    scripts = json.loads(open(args.script).read()) if args.script else {}
+    scripts = json.loads(Path(args.script).read_text()) if args.script else {}
     model = ScriptedModel(tok, scripts)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/generate", model.generate)
