@@ -34,6 +34,10 @@ class SandboxConfig(BaseModel):
     warmup: bool = Field(
         default=True, description="run sympy/numpy once in each worker so forked calls are fast"
     )
+    fast_path: bool = Field(
+        default=True,
+        description="per worker, also a stdlib-only fork server for code naming no non-stdlib preload module",
+    )
     isolation: Isolation = "auto"
     uid_base: int = Field(
         default=61000,

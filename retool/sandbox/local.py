@@ -8,11 +8,13 @@ import json
 import logging
 import os
 import queue
+import re
 import select
 import shutil
 import signal
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -35,9 +37,11 @@ class SandboxError(RuntimeError):
 class _Worker:
     """One fork-server process (for bwrap: the outer bwrap process) and its request/response pipes."""
 
-    def __init__(self, index: int, tier: str, wcfg: dict[str, Any], cfg: SandboxConfig, scratch: str | None):
-        self.index, self.tier = index, tier
-        lnch = tiers.launch(tier, index, wcfg, cfg.uid_base, scratch)
+    def __init__(
+        self, index: int, kind: str, tier: str, wcfg: dict[str, Any], cfg: SandboxConfig, scratch: str | None
+    ):
+        self.index, self.kind, self.tier = index, kind, tier
+        lnch = tiers.launch(tier, index, wcfg, cfg.uid_base, scratch, name=kind)
         self.proc = subprocess.Popen(
             lnch.argv,
             stdin=subprocess.PIPE,
@@ -58,7 +62,7 @@ class _Worker:
         if not msg or not msg.get("ready"):
             why = (msg or {}).get("fatal") or "no answer"
             self.kill()
-            raise SandboxError(f"sandbox worker {self.index} ({self.tier}) failed to start: {why}")
+            raise SandboxError(f"sandbox worker {self.index}{self.kind} ({self.tier}) failed to start: {why}")
         self.pid_inside = msg.get("pid")
 
     def _read_exact(self, n: int, deadline: float) -> bytes | None:
@@ -133,11 +137,25 @@ class _Worker:
                 pass
 
 
+class _Slot:
+    """One unit of concurrency: a fork server with every preload module, plus (fast path) one with only the
+    standard-library ones, whose smaller image forks and exits several times faster."""
+
+    def __init__(self, heavy: _Worker, light: _Worker | None):
+        self.heavy, self.light = heavy, light
+
+    def workers(self) -> list[_Worker]:
+        return [w for w in (self.heavy, self.light) if w is not None]
+
+
 class Sandbox:
     """Isolated, fast Python execution: `run` (thread-safe) and `arun` (async), N calls at once.
 
     Each worker imports and warms the preload modules once, then forks a fresh child per call, so a call
-    costs a fork rather than an interpreter start plus imports, and starts from clean state.
+    costs a fork rather than an interpreter start plus imports, and starts from clean state. Code that
+    names none of the non-stdlib preload modules (numpy, sympy, ...) runs on a stdlib-only fork server of
+    the same slot: same isolation, cheaper fork. This routing is only about speed: both servers are equally
+    contained, and code that reaches a heavy module indirectly still works there (importing it from disk).
     """
 
     def __init__(self, config: SandboxConfig | None = None):
@@ -149,48 +167,75 @@ class Sandbox:
         if self.isolation == "process":
             self._scratch = tempfile.mkdtemp(prefix="retool-sandbox-", dir=cfg.scratch_root)
             os.chmod(self._scratch, 0o711)
-        self._wcfg: dict[str, Any] = {
-            "preload": list(cfg.preload),
-            "warmup": cfg.warmup,
-            "limits": {
-                "wall_timeout_s": cfg.wall_timeout_s,
-                "cpu_time_s": cfg.cpu_time_s,
-                "memory_mb": cfg.memory_mb,
-                "max_output_bytes": cfg.max_output_bytes,
-                "max_processes": cfg.max_processes,
-                "fsize": cfg.max_file_mb << 20,
-                "nofile": cfg.max_open_files,
-            },
+        heavy = [m for m in cfg.preload if m.split(".")[0] not in sys.stdlib_module_names]
+        light = [m for m in cfg.preload if m.split(".")[0] in sys.stdlib_module_names]
+        self._heavy_re = (
+            re.compile(r"\b(" + "|".join(re.escape(m.split(".")[0]) for m in heavy) + r")\b")
+            if heavy
+            else None
+        )
+        self._fast = cfg.fast_path and bool(heavy)
+        limits = {
+            "wall_timeout_s": cfg.wall_timeout_s,
+            "cpu_time_s": cfg.cpu_time_s,
+            "memory_mb": cfg.memory_mb,
+            "max_output_bytes": cfg.max_output_bytes,
+            "max_processes": cfg.max_processes,
+            "fsize": cfg.max_file_mb << 20,
+            "nofile": cfg.max_open_files,
+        }
+        self._wcfg = {
+            "heavy": {"preload": list(cfg.preload), "warmup": cfg.warmup, "limits": limits},
+            "light": {"preload": light, "warmup": cfg.warmup, "limits": limits},
         }
         # bwrap's --die-with-parent watches the thread that started it: start workers from one thread
         # that lives as long as the sandbox.
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawn")
         self._calls = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="sandbox-call")
-        self._idle: queue.Queue[_Worker] = queue.Queue()
-        self._workers: list[_Worker] = []
+        self._idle: queue.Queue[_Slot] = queue.Queue()
+        self._slots: list[_Slot] = []
+        self._workers: list[_Worker] = []  # every live worker process, for cleanup
         try:
-            # Popen on the spawner thread; the workers import and warm up in parallel
-            started = self._spawner.submit(lambda: [self._spawn(i) for i in range(cfg.workers)]).result()
-            self._workers.extend(started)
-            for w in started:
-                w.wait_ready()
-                self._idle.put(w)
+            kinds = ["h", "l"] if self._fast else ["h"]
+            started = self._spawner.submit(
+                lambda: [[self._spawn(i, k) for k in kinds] for i in range(cfg.workers)]
+            ).result()
+            for ws in started:
+                self._workers.extend(ws)
+            for ws in started:
+                for w in ws:
+                    w.wait_ready()
+                slot = _Slot(ws[0], ws[1] if len(ws) > 1 else None)
+                self._slots.append(slot)
+                self._idle.put(slot)
         except BaseException:
             self.close()
             raise
         self._finalizer = weakref.finalize(self, Sandbox._cleanup, self._workers, self._scratch)
-        log.info("sandbox ready: %d workers, isolation=%s", cfg.workers, self.isolation)
+        log.info(
+            "sandbox ready: %d workers, isolation=%s, fast path=%s", cfg.workers, self.isolation, self._fast
+        )
 
-    def _spawn(self, index: int) -> _Worker:
-        return _Worker(index, self.isolation, self._wcfg, self.config, self._scratch)
+    def _spawn(self, index: int, kind: str) -> _Worker:
+        return _Worker(
+            index,
+            kind,
+            self.isolation,
+            self._wcfg["heavy" if kind == "h" else "light"],
+            self.config,
+            self._scratch,
+        )
 
-    def _restart(self, w: _Worker) -> _Worker:
+    def _restart(self, slot: _Slot, w: _Worker) -> None:
         w.kill()
-        new = self._spawner.submit(self._spawn, w.index).result()
-        new.wait_ready()
+        new = self._spawner.submit(self._spawn, w.index, w.kind).result()
         with self._lock:
             self._workers[self._workers.index(w)] = new
-        return new
+        new.wait_ready()
+        if slot.heavy is w:
+            slot.heavy = new
+        else:
+            slot.light = new
 
     # ------------------------------------------------------------------ public API
 
@@ -207,7 +252,12 @@ class Sandbox:
         cfg = self.config
         timeout = float(timeout_s) if timeout_s else cfg.wall_timeout_s
         req = {"code": code, "timeout": timeout}
-        w = self._idle.get()
+        slot = self._idle.get()
+        use_heavy = (
+            not self._fast or slot.light is None or bool(self._heavy_re and self._heavy_re.search(code))
+        )
+        w = slot.heavy if use_heavy else slot.light
+        assert w is not None
         t0 = time.monotonic()
         try:
             res = w.call(req, time.monotonic() + timeout + 10.0)
@@ -215,8 +265,8 @@ class Sandbox:
                 # the worker died or hung (not the code: its limits are enforced inside the worker)
                 if self._closed:
                     raise SandboxError("sandbox is closed")
-                log.warning("sandbox worker %d failed; restarting it", w.index)
-                w = self._restart(w)
+                log.warning("sandbox worker %d%s failed; restarting it", w.index, w.kind)
+                self._restart(slot, w)
                 return ExecResult(
                     "error",
                     "",
@@ -227,7 +277,7 @@ class Sandbox:
                 )
         finally:
             if not self._closed:
-                self._idle.put(w)
+                self._idle.put(slot)
         return ExecResult(
             status=res["status"],
             stdout=res["stdout"],

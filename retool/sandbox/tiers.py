@@ -101,7 +101,10 @@ def bwrap_argv(worker_argv: list[str], tmp_mb: int, staged: bool) -> tuple[list[
     return args + worker_argv, stage
 
 
-def launch(tier: str, index: int, cfg_dict: dict, uid_base: int, scratch_dir: str | None) -> Launch:
+def launch(
+    tier: str, index: int, cfg_dict: dict, uid_base: int, scratch_dir: str | None, name: str = ""
+) -> Launch:
+    """Worker `index` (its calls run as uid_base+index when we are root); `name` keeps scratch paths apart."""
     root = _is_root()
     uid = uid_base + index if root else None
     tmp_mb = max(16, 2 * int(cfg_dict["limits"]["fsize"]) >> 20)
@@ -113,7 +116,7 @@ def launch(tier: str, index: int, cfg_dict: dict, uid_base: int, scratch_dir: st
             return Launch(argv)
         lcfg = json.dumps({"tier": "bwrap-launch", "stage": stage, "bwrap_uid": uid, "bwrap_argv": argv})
         return Launch([sys.executable, "-I", "-c", WORKER_SOURCE, lcfg])
-    scratch = os.path.join(scratch_dir, f"w{index}") if scratch_dir else None
+    scratch = os.path.join(scratch_dir, f"w{index}{name}") if scratch_dir else None
     wcfg = worker_config(tier, cfg_dict, call_uid=uid, scratch_dir=scratch)
     return Launch([sys.executable, "-I", "-c", WORKER_SOURCE, wcfg])
 

@@ -1,0 +1,142 @@
+"""Lifecycle: nothing of a sandbox survives close() or its parent's death; tier choice and config errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from retool.sandbox import ExecResult, IsolationUnavailable, Sandbox, SandboxConfig, tiers
+from tests.sandbox.conftest import alive, descendants, require_tier, small_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BACKGROUND = """
+import os, subprocess, time
+subprocess.Popen(["sleep", "300"], start_new_session=True)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        time.sleep(300)
+    os._exit(0)
+print("spawned", flush=True)
+"""
+
+
+def _wait_gone(pids: set[int], timeout: float = 10.0) -> set[int]:
+    end = time.monotonic() + timeout
+    left = {p for p in pids if alive(p)}
+    while left and time.monotonic() < end:
+        time.sleep(0.05)
+        left = {p for p in left if alive(p)}
+    return left
+
+
+@pytest.mark.parametrize("tier", tiers.TIERS)
+def test_close_leaves_no_process_zombie_or_scratch(tier):
+    require_tier(tier)
+    before = descendants(os.getpid())
+    sb = Sandbox(small_config(tier))
+    scratch = sb._scratch
+    r = sb.run(BACKGROUND)
+    assert r.status == "ok" and "spawned" in r.stdout, r.observation()
+    hanging = sb.run(BACKGROUND + "\ntime.sleep(0.2)")
+    assert hanging.status == "ok"
+    ours = descendants(os.getpid()) - before
+    assert ours, "the sandbox started no processes?"
+    sb.close()
+    assert not _wait_gone(ours), "sandbox processes survived close()"
+    assert not (descendants(os.getpid()) - before), "zombies or processes left under the parent"
+    if scratch is not None:
+        assert not os.path.exists(scratch), "scratch directory left behind"
+    with pytest.raises(RuntimeError):
+        sb.run("print(1)")
+
+
+@pytest.mark.parametrize("tier", tiers.TIERS)
+def test_killing_the_parent_leaves_nothing(tier, tmp_path):
+    require_tier(tier)
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys, threading, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from retool.sandbox import Sandbox, SandboxConfig
+        sb = Sandbox(SandboxConfig(isolation={tier!r}, workers=2, wall_timeout_s=60))
+        print("SCRATCH", sb._scratch, flush=True)
+        print(sb.run({BACKGROUND!r}).stdout.strip(), flush=True)
+        threading.Thread(target=sb.run, args=({BACKGROUND!r} + "\\ntime.sleep(60)",), daemon=True).start()
+        time.sleep(1.0)
+        print("READY", flush=True)
+        time.sleep(300)
+        """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert proc.stdout is not None
+    scratch = proc.stdout.readline().split()[1]
+    lines = [proc.stdout.readline().strip() for _ in range(2)]
+    assert lines == ["spawned", "READY"], lines
+    tree = descendants(proc.pid)
+    assert len(tree) >= 4, f"expected workers and the calls' processes under the parent, got {tree}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = _wait_gone(tree)
+    assert not left, f"processes survived their parent's death: {left}"
+    if scratch != "None":
+        end = time.monotonic() + 5
+        while os.path.exists(scratch) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not os.path.exists(scratch), "scratch directory left behind"
+
+
+def test_auto_picks_the_strongest_available_tier_and_says_so(caplog):
+    avail = [t for t, why in tiers.available_tiers().items() if why is None]
+    with caplog.at_level(logging.INFO, logger="retool.sandbox.tiers"):
+        assert tiers.resolve("auto") == avail[0]
+    assert f"sandbox isolation: {avail[0]}" in caplog.text
+
+
+def test_requested_unavailable_tier_is_a_clear_error(monkeypatch):
+    # Simulate a machine without bubblewrap: the probe result is what the tier choice reads.
+    monkeypatch.setitem(tiers._probe_cache, "bwrap", "bubblewrap (bwrap) is not installed")
+    with pytest.raises(IsolationUnavailable, match="'bwrap' was requested but is unavailable: bubblewrap"):
+        Sandbox(SandboxConfig(isolation="bwrap"))
+    assert tiers.resolve("auto") != "bwrap"
+
+
+def test_config_rejects_unknown_and_bad_values():
+    with pytest.raises(ValidationError, match="wall_timeout"):
+        SandboxConfig(wall_timeout=3)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="isolation"):
+        SandboxConfig(isolation="docker")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="workers"):
+        SandboxConfig(workers=0)
+    cfg = SandboxConfig()
+    assert cfg.workers == 2 and {"math", "fractions", "itertools", "collections", "numpy", "sympy"} <= set(
+        cfg.preload
+    )
+
+
+def test_observation_rendering():
+    ok = ExecResult("ok", "42\n", "", False, 0, 0.01)
+    assert ok.observation() == "42"
+    assert "printed nothing" in ExecResult("ok", "", "", False, 0, 0.01).observation()
+    err = ExecResult("error", "partial\n", "Traceback ...\nValueError: x\n", False, 1, 0.01)
+    assert err.observation() == "partial\nTraceback ...\nValueError: x"
+    to = ExecResult("timeout", "a\n", "", False, None, 2.0, timeout_s=2.0)
+    assert to.observation() == "a\nTimeoutError: execution timed out after 2 s"
+    mem = ExecResult("memory", "", "MemoryError\n", False, 86, 0.1, memory_mb=256)
+    assert "memory limit of 256 MB" in mem.observation()
+    tr = ExecResult("error", "x" * 10, "", True, None, 0.1, output_limit=10)
+    assert tr.observation().endswith("[output truncated to 10 bytes; execution was stopped]")
+    assert "failed with exit code 3" in ExecResult("error", "", "", False, 3, 0.0).observation()
