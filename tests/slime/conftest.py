@@ -107,13 +107,24 @@ def ray_head() -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture()
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A real MLflow sqlite store for one test; MLFLOW_TRACKING_URI points at it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+@pytest.fixture(scope="session")
+def _mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite store for the session: creating MLflow's tables takes seconds; tests use fresh runs."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # creates the schema once
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+@pytest.fixture()
+def mlflow_store(_mlflow_db: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real MLflow sqlite store; MLFLOW_TRACKING_URI points at it for this test."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_db)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(_mlflow_db)
+    return _mlflow_db

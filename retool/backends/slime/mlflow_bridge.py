@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ class SampleEpisode:
     reward: Any
     num_turns: int
     label: str
+    group: Any = None  # slime's group_index: the samples of one prompt (pass@k)
+    prompt_text: str = ""
+    model_text: str = ""
     group_index: int | None = None
     index: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +78,25 @@ class SampleEpisode:
         raise AttributeError(name)
 
 
+class _CallView:
+    """Attribute access over a tool-call record that was stored as a plain dict."""
+
+    def __init__(self, record: Mapping[str, Any]):
+        self._r = dict(record)
+
+    def __getattr__(self, name: str) -> Any:
+        r = self.__dict__["_r"]
+        if name in r:
+            return r[name]
+        if name == "code_lines":
+            code = (r.get("arguments") or {}).get("code", "")
+            return sum(1 for line in str(code).splitlines() if line.strip())
+        defaults = {"status": "ok", "error": None, "duration_s": 0.0, "char_pos": 0}
+        if name in defaults:
+            return defaults[name]
+        raise AttributeError(name)
+
+
 def _reward_parts(sample: Any, reward_key: str | None) -> tuple[float, bool, str | None]:
     raw = getattr(sample, "reward", None)
     meta = getattr(sample, "metadata", None) or {}
@@ -82,8 +105,10 @@ def _reward_parts(sample: Any, reward_key: str | None) -> tuple[float, bool, str
     if isinstance(raw, Mapping):
         key = reward_key or "score"
         score = float(raw.get(key, raw.get("score", 0.0)) or 0.0)
-        correct = raw.get("correct", raw.get("acc", correct))
-        pred = raw.get("pred", pred)
+        if correct is None:
+            correct = raw.get("correct", raw.get("acc"))
+        if "pred" not in meta:
+            pred = raw.get("pred") or None  # our reward_func writes "" for "no answer"
     elif raw is None:
         score = 0.0
     else:
@@ -108,19 +133,25 @@ def sample_to_episode(sample: Any, reward_key: str | None = None) -> Any:
     score, correct, pred = _reward_parts(sample, reward_key)
     calls = meta.get("tool_calls", [])
     if isinstance(calls, int):
-        calls = [None] * calls
+        calls = [_CallView({}) for _ in range(calls)]
+    else:  # records turned into dicts (e.g. a reloaded debug dump) still count
+        calls = [_CallView(c) if isinstance(c, Mapping) else c for c in calls or []]
+    group = getattr(sample, "group_index", None)
     return SampleEpisode(
         prompt_ids=prompt_ids,
         response_ids=response_ids,
         logprobs=list(getattr(sample, "rollout_log_probs", None) or []),
         loss_mask=list(getattr(sample, "loss_mask", None) or [1] * len(response_ids)),
         response_text=str(getattr(sample, "response", "") or ""),
-        tool_calls=list(calls or []),
+        tool_calls=calls,
         status=_STATUS.get(status, "completed"),
         reward=_make_reward(score, correct, pred),
         num_turns=int(meta.get("num_turns", 1)),
         label=str(getattr(sample, "label", "") or ""),
-        group_index=getattr(sample, "group_index", None),
+        group=None if group is None else f"g{group}",
+        prompt_text=str(getattr(sample, "prompt", "") or ""),
+        model_text=str(meta.get("model_text", "") or ""),
+        group_index=group,
         index=getattr(sample, "index", None),
         metadata=dict(meta),
     )
@@ -166,10 +197,20 @@ def summarize_samples(
 # MLflow
 
 
+_INVALID_KEY = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow refuses '@' (and most punctuation) in metric names: ``pass@4`` is logged as ``pass_at_4``."""
+    return _INVALID_KEY.sub("_", name.replace("@", "_at_"))
+
+
 def log_to_run(run_id: str | None, metrics: Mapping[str, float], step: int) -> None:
     """Log to an explicit run (the mirror thread has no active run); never raises."""
     clean = {
-        k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))
+        mlflow_key(k): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
     }
     if not clean:
         return
