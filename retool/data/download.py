@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx2
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from retool.data import hub, s3
 from retool.data.config import DataConfig, SourceConfig
@@ -182,12 +183,18 @@ def download_source(
             else:
                 client = s3_client or s3.make_client(s3_endpoint_url)
                 assert source.s3_uri is not None
-                remote_files = s3.list_files(
-                    source.s3_uri,
-                    client=client,
-                    allow_patterns=source.allow_patterns,
-                    ignore_patterns=source.ignore_patterns,
-                )
+                try:
+                    remote_files = s3.list_files(
+                        source.s3_uri,
+                        client=client,
+                        allow_patterns=source.allow_patterns,
+                        ignore_patterns=source.ignore_patterns,
+                    )
+                except BotoConnectionError as e:
+                    if manifest is not None and same_spec and local_copy_intact(final, manifest):
+                        log.warning("source %r: S3 unreachable (%s); keeping the local copy", name, e)
+                        return report("kept_offline", manifest["resolved"], manifest["files"])
+                    raise
                 resolved = s3.fingerprint(remote_files)
 
             # 2. Already here?

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
 
 from retool.data import (
     MANIFEST_NAME,
@@ -18,6 +20,7 @@ from retool.data import (
     DownloadError,
     SourceConfig,
     download,
+    download_source,
 )
 from retool.data.s3 import list_files, make_client, parse_s3_uri
 
@@ -125,6 +128,19 @@ def test_corrupted_transfer_is_a_checksum_error(
         download(_source(uri), tmp_path, s3_endpoint_url=fault_proxy.url, s3_multipart_threshold=4 * MiB)
     assert not (tmp_path / "base_model").exists()
     assert not (tmp_path / ".base_model.partial" / key).exists()
+
+
+def test_unreachable_mirror_keeps_a_complete_local_copy(moto_url: str, tmp_path: Path) -> None:
+    uri = _bucket(moto_url, "mirror-offline")
+    download(_source(uri, allow_patterns=["*.json"]), tmp_path, s3_endpoint_url=moto_url)
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    client = boto3.client("s3", endpoint_url=dead, config=BotoConfig(retries={"max_attempts": 1}))
+    src = _source(uri, allow_patterns=["*.json"])["base_model"]
+    assert download_source("base_model", src, tmp_path, s3_client=client).status == "kept_offline"
+    with pytest.raises(DownloadError, match="mirror-offline"):
+        download_source("other", src, tmp_path, s3_client=client)
 
 
 def test_mirror_s3_without_uri_and_missing_prefix(moto_url: str, tmp_path: Path) -> None:
