@@ -616,20 +616,42 @@ def preload_and_warm():
         return
     mods = sys.modules
     if "sympy" in mods:
+        # Imported is not warm: run the common paths once so forked calls find them initialised.
         sp = mods["sympy"]
-        x, y = sp.symbols("x y")
-        sp.factor(x**4 - 1)
-        sp.solve([x + y - 3, x - y - 1], [x, y])
-        sp.simplify(sp.sin(x) ** 2 + sp.cos(x) ** 2)
-        sp.integrate(x * sp.exp(x), x)
-        sp.expand((x + 1) ** 5)
-        sp.Rational(3, 4) + sp.Rational(1, 6)
-        sp.sqrt(8)
-        sp.isprime(97)
-        sp.N(sp.pi, 20)
-        sp.Matrix([[1, 2], [3, 4]]).det()
-        sp.latex(x**2)
-        str(x**2 / 3)
+        x, y, n = sp.symbols("x y n")
+        warm = [
+            lambda: sp.factor(x**4 - 1),
+            lambda: sp.factor(x**3 + 2 * x**2 - 5 * x - 6),
+            lambda: sp.factorint(360),
+            lambda: sp.solve([x + y - 3, x - y - 1], [x, y]),
+            lambda: sp.solve(x**2 + 3 * x - 10, x),
+            lambda: sp.solve(sp.Eq(2 * x + 1, 7), x),
+            lambda: sp.roots(x**3 - 6 * x**2 + 11 * x - 6),
+            lambda: sp.solveset(x**2 - 1, x, domain=sp.S.Reals),
+            lambda: sp.linsolve([x + y - 2, x - y], [x, y]),
+            lambda: sp.nsolve(x**2 - 2, x, 1),
+            lambda: sp.simplify(sp.sin(x) ** 2 + sp.cos(x) ** 2),
+            lambda: sp.simplify((x**2 - 1) / (x - 1)),
+            lambda: sp.expand((x + 1) ** 5),
+            lambda: sp.integrate(x * sp.exp(x), x),
+            lambda: sp.integrate(x**2, (x, 0, 1)),
+            lambda: sp.diff(sp.sin(x) * x**2, x),
+            lambda: sp.limit(sp.sin(x) / x, x, 0),
+            lambda: sp.series(sp.exp(x), x, 0, 4),
+            lambda: sp.summation(n**2, (n, 1, 10)),
+            lambda: sp.Sum(1 / n**2, (n, 1, sp.oo)).doit(),
+            lambda: (sp.binomial(10, 3), sp.factorial(6), sp.gcd(12, 18), sp.lcm(4, 6), sp.divisors(36)),
+            lambda: (sp.Rational(3, 4) + sp.Rational(1, 6), sp.sqrt(8), sp.nsimplify(0.5), sp.N(sp.pi, 20)),
+            lambda: (sp.isprime(97), list(sp.primerange(1, 30)), sp.totient(36), sp.mod_inverse(3, 7)),
+            lambda: (sp.Matrix([[1, 2], [3, 4]]).det(), sp.Matrix([[1, 2], [3, 4]]).inv()),
+            lambda: sp.Matrix([[2, 0], [0, 3]]).eigenvals(),
+            lambda: sp.sympify("x**2 + 2*x + 1"),
+            lambda: (sp.latex(x**2 / 3), str(x**2 / 3), sp.Poly(x**2 + 1, x).all_coeffs()),
+            lambda: (sp.floor(sp.Rational(7, 2)), sp.log(8, 2), sp.Abs(-x).subs(x, 2)),
+        ]
+        for fn in warm:
+            with contextlib.suppress(Exception):
+                str(fn())
     if "numpy" in mods:
         np = mods["numpy"]
         a = np.arange(12, dtype=float).reshape(3, 4)
@@ -656,6 +678,8 @@ def exec_bwrap():
     """
     os.dup2(REQ_FD, 0)
     os.dup2(RESP_FD, 1)
+    argv = CFG["bwrap_argv"]
+    exe = os.open(argv[0], os.O_RDONLY | os.O_CLOEXEC)  # bwrap itself may live under the /tmp we cover
     _check(LIBC.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
@@ -667,7 +691,7 @@ def exec_bwrap():
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
-    os.execv(CFG["bwrap_argv"][0], CFG["bwrap_argv"])
+    os.execv(f"/proc/self/fd/{exe}", argv)
 
 
 def main():
