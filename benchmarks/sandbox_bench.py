@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "namespaces", "process"])
     ap.add_argument("--memory-calls", type=int, default=None, help="calls for the parent-RSS check (10000)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--where", default="", help="free text for the report: the machine and how it was run")
     args = ap.parse_args(argv)
     q = args.quick
     n_sb = {"trivial": 200 if q else 2000, "sympy": 50 if q else 400, "numpy": 100 if q else 1000}
@@ -189,9 +190,10 @@ def render_md(r: dict[str, Any], cmd: str) -> str:
     lines = [
         "## Sandbox: fork-server pool vs a fresh interpreter per call",
         "",
-        f"`{cmd}` — {m['cpus']} CPUs, Python {m['python']}, isolation `{c['isolation']}`, "
-        f"{c['workers']} workers, load average at start {m['loadavg_at_start'][0]:.2f} (shared machine). "
-        f"Baseline: `python -c <snippet>` as a new subprocess per call, same venv. Pool start-up {r['startup_s']:.1f} s.",
+        f"`{cmd}`{' — ' + r['where'] if r.get('where') else ''}; {m['cpus']} CPUs visible, Python {m['python']}, "
+        f"isolation `{c['isolation']}`, {c['workers']} workers, load average at start {m['loadavg_at_start'][0]:.2f}. "
+        f"Baseline: `python -c <snippet>` as a new subprocess per call, same interpreter. "
+        f"Pool start-up {r['startup_s']:.1f} s.",
         "",
         "| snippet | sandbox p50 ms | sandbox p99 ms | sandbox calls/s | baseline p50 ms | baseline calls/s | throughput x |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -61,7 +61,19 @@ def hidden_paths() -> list[str]:
     """Host paths the namespaces tier covers with an empty tmpfs (home, project, runtime sockets...)."""
     cands = [os.path.expanduser("~"), os.getcwd(), str(Path(__file__).resolve().parents[2])]
     cands += ["/root", "/home", "/work", "/mnt", "/media", "/srv", "/opt", "/run", "/var", "/tmp", "/dev/shm"]
-    return [c for c in cands if c and os.path.isdir(c)]
+    system = {"/", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/proc", "/dev", "/sys"}
+    out = []
+    for c in cands:
+        real = os.path.realpath(c) if c else ""
+        # never cover the system itself (a service user's home or cwd may be "/")
+        if (
+            real
+            and os.path.isdir(real)
+            and real not in system
+            and not real.startswith(("/usr/", "/proc/", "/sys/"))
+        ):
+            out.append(real)
+    return out
 
 
 def worker_config(tier: str, cfg_dict: dict, *, call_uid: int | None, scratch_dir: str | None) -> str:
