@@ -8,6 +8,7 @@ from retool.backends.slime.commands import STAGES, JobSpec, StageResources, buil
 from retool.backends.slime.config import SlimeConfig
 from retool.backends.slime.plan import PlannedStage, format_plan, plan
 from retool.backends.slime.runner import JobFailedError, JobResult, LocalRunner, RayJobRunner
+from retool.backends.slime.sft_data import prepare_sft_parquet
 from retool.backends.slime.stages import make_runner, run_stage, stage_job
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "latest_checkpoint",
     "make_runner",
     "plan",
+    "prepare_sft_parquet",
     "resume_args",
     "run_stage",
     "stage_job",
