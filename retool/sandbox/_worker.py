@@ -270,6 +270,7 @@ def child_main(code_r, out_w, err_w, done_w, keep_fds):
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (lim["fsize"], lim["fsize"]))
     resource.setrlimit(resource.RLIMIT_NOFILE, (lim["nofile"], lim["nofile"]))
+    resource.setrlimit(resource.RLIMIT_MSGQUEUE, (0, 0))  # no POSIX message queues to outlive the call
     if NPROC is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, NPROC))
     drop_privileges()
@@ -447,6 +448,22 @@ def wipe_scratch():
         shutil.rmtree(SCRATCH, onerror=onerror)
 
 
+def wipe_ipc():
+    """Remove System V IPC objects a call left in this worker's own IPC namespace (namespaced tiers)."""
+    for kind, rm in (("shm", LIBC.shmctl), ("msg", LIBC.msgctl), ("sem", LIBC.semctl)):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            ident = int(row.split()[1])
+            if kind == "sem":
+                rm(ident, 0, 0)  # IPC_RMID
+            else:
+                rm(ident, 0, None)
+
+
 def _drain(fd, buf, cap):
     """Read what is already in a pipe (descendants may still hold its write end); True if over cap."""
     os.set_blocking(fd, False)
@@ -571,6 +588,8 @@ def finish(child):
     child.close()
     kill_leftovers()
     wipe_scratch()
+    if WIPE_ALL_TMP:
+        wipe_ipc()
 
 
 def serve():

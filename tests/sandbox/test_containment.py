@@ -318,6 +318,26 @@ print(math.pi > 3.14, "secret_global" in globals(), hasattr(builtins, "LEAKED"),
         assert c.stdout.strip() == "True False False False True False [] True"
 
 
+def test_no_ipc_objects_survive_a_call(sandbox, tier):
+    if tier == "process":
+        pytest.skip("the process tier shares the host's IPC namespace: use a namespaced tier")
+    make = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+print(libc.shmget(0x5EC2E7, 4096, 0o1600) >= 0, libc.msgget(0x5EC2E8, 0o1600) >= 0)
+"""
+    probe = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+print(libc.shmget(0x5EC2E7, 0, 0) >= 0, libc.msgget(0x5EC2E8, 0) >= 0, open("/proc/sysvipc/shm").read().count("\n"))
+"""
+    for _ in range(sandbox.workers):
+        r = sandbox.run(make)
+        assert r.stdout.strip() == "True True", r.observation()
+    for _ in range(2 * sandbox.workers):
+        assert sandbox.run(probe).stdout.strip() == "False False 1"
+
+
 def test_legitimate_math_code_works(sandbox):
     code = """
 from fractions import Fraction
