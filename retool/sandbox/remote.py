@@ -8,6 +8,7 @@ import contextlib
 import random
 import threading
 import time
+import weakref
 from typing import Any
 
 import httpx
@@ -83,7 +84,10 @@ class RemoteSandbox:
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
         self._client = httpx.Client(headers=self._headers, limits=self._limits, timeout=timeout_s + 30)
-        self._aclients: dict[int, httpx.AsyncClient] = {}
+        # one async client per event loop (a client is bound to the loop it first ran on)
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
         self._closed = False
         self.isolation = "remote"
@@ -144,7 +148,7 @@ class RemoteSandbox:
         return self._handle(r, timeout_s)
 
     def _aclient(self) -> httpx.AsyncClient:
-        key = id(asyncio.get_running_loop())
+        key = asyncio.get_running_loop()
         with self._lock:
             c = self._aclients.get(key)
             if c is None:
@@ -178,7 +182,7 @@ class RemoteSandbox:
             return
         self._closed = True
         self._client.close()
-        for c in self._aclients.values():
+        for c in list(self._aclients.values()):
             try:
                 asyncio.get_running_loop().create_task(c.aclose())
             except RuntimeError:  # no running loop here: close it on a fresh one
