@@ -94,9 +94,7 @@ class _Worker:
     def call(self, req: dict[str, Any], deadline: float) -> dict[str, Any] | None:
         data = json.dumps(req).encode()
         try:
-            os.write(self.wfd, _HDR.pack(len(data)) + data) if len(data) < 60000 else self._write_all(
-                _HDR.pack(len(data)) + data
-            )
+            self._write_all(_HDR.pack(len(data)) + data)
         except OSError:
             return None
         return self._read(deadline)
