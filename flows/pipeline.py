@@ -30,7 +30,9 @@ from tasks.stages import run_stage
 
 def _git_commit(root: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -77,8 +79,12 @@ def _eval_rows(root: Path) -> list[dict[str, Any]]:
     rows = []
     for checkpoint, metrics in data.items():
         if isinstance(metrics, dict):
-            rows.append({"checkpoint": checkpoint, **{k: round(v, 4) for k, v in metrics.items()
-                                                      if isinstance(v, int | float)}})
+            rows.append(
+                {
+                    "checkpoint": checkpoint,
+                    **{k: round(v, 4) for k, v in metrics.items() if isinstance(v, int | float)},
+                }
+            )
     return rows
 
 
@@ -143,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the ReTool pipeline once (Prefect flow over DVC).")
     parser.add_argument("--profile", choices=["tiny", "qwen3-4b"], default=None)
     parser.add_argument("--stage", action="append", dest="stages", help="run only this stage (repeatable)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params.yaml key (YAML value), e.g. --set local.grpo.steps=20")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml key (YAML value), e.g. --set local.grpo.steps=20",
+    )
     parser.add_argument("--project-dir", default=".")
     args = parser.parse_args(argv)
     overrides = {}

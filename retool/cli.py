@@ -1,11 +1,11 @@
 """The `retool` command.
 
-    retool stage NAME        run one pipeline stage (what dvc.yaml's commands call)
-    retool plan [--profile]  print every stage's exact command without running anything
-    retool params            print every knob with its default (the shipped params.yaml)
-    retool validate          check params.yaml and name every bad key
-    retool sandbox serve     expose the code sandbox over HTTP (SandboxFusion-compatible API)
-    retool mlflow sync       send metrics kept locally while MLflow was unreachable
+retool stage NAME        run one pipeline stage (what dvc.yaml's commands call)
+retool plan [--profile]  print every stage's exact command without running anything
+retool params            print every knob with its default (the shipped params.yaml)
+retool validate          check params.yaml and name every bad key
+retool sandbox serve     expose the code sandbox over HTTP (SandboxFusion-compatible API)
+retool mlflow sync       send metrics kept locally while MLflow was unreachable
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def _cmd_mlflow_sync(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retool", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="retool", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     mlflow = sub.add_parser("mlflow", help="MLflow commands (sync)")
     mlflow.add_argument("action", choices=["sync"])
-    mlflow.add_argument("--buffer", default=None, help="the buffer file (default: .retool/mlflow-buffer.jsonl)")
+    mlflow.add_argument(
+        "--buffer", default=None, help="the buffer file (default: .retool/mlflow-buffer.jsonl)"
+    )
     mlflow.set_defaults(func=_cmd_mlflow_sync)
     return parser
 

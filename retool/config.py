@@ -14,12 +14,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from retool.backends.local.config import LocalConfig
+from retool.backends.local.config import LocalConfig, LocalEvalConfig
 from retool.backends.slime.config import SlimeConfig
 from retool.data.config import DataConfig
 from retool.reward import RewardConfig
 from retool.rollout import RolloutConfig
 from retool.sandbox import SandboxConfig
+
+
+Checkpoint = Literal["base", "sft", "rl"]
+CHECKPOINTS: tuple[Checkpoint, ...] = ("base", "sft", "rl")
 
 
 class ConfigError(ValueError):
@@ -31,22 +35,29 @@ class _Strict(BaseModel):
 
 
 class EvalConfig(_Strict):
-    """How checkpoints are evaluated (the eval stage, for base, SFT and RL side by side)."""
+    """How the GPU profile evaluates checkpoints (one SGLang server per checkpoint, our episode loop)."""
 
-    n_samples: int = Field(4, ge=1, description="samples per prompt (sampled acc, pass@k, avg@k)")
+    n_samples: int = Field(16, ge=1, description="samples per prompt (sampled acc, pass@k, avg@k)")
     temperature: float = Field(1.0, ge=0.0, description="sampling temperature of the sampled metrics")
-    greedy: bool = Field(True, description="also report greedy-decoding accuracy (eval/<ds>/greedy_acc)")
+    greedy: bool = Field(False, description="also report greedy-decoding accuracy (greedy_acc)")
     max_problems: int | None = Field(None, ge=1, description="evaluate only the first N problems")
-    checkpoints: list[Literal["base", "sft", "rl"]] = Field(default_factory=lambda: ["base", "sft", "rl"])
-    dataset_name: str = Field("eval", description="name under eval/<dataset>/… in MLflow and metrics")
-    samples_logged: int = Field(64, ge=0, description="episodes kept in the eval samples table")
+    gpus: int = Field(1, ge=1, description="GPUs (SGLang tensor parallel size) per evaluation job")
+
+
+class EvaluationConfig(_Strict):
+    """What the eval stage reports, whichever backend samples (`local.eval` / `slime.eval` say how)."""
+
+    checkpoints: list[Checkpoint] = Field(default_factory=lambda: list(CHECKPOINTS))
+    dataset_name: str = Field("eval", description="name under eval/<dataset>/… in MLflow")
+    samples_logged: int = Field(
+        64, ge=0, description="episodes per checkpoint kept in the eval samples table"
+    )
 
 
 class LocalProfile(LocalConfig):
     """The tiny CPU profile: the local backend's knobs plus its rollout budget and evaluation."""
 
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 class SlimeProfile(SlimeConfig):
@@ -57,7 +68,7 @@ class SlimeProfile(SlimeConfig):
             max_turns=16, max_tool_calls=16, max_context_tokens=16384, max_new_tokens=8192
         )
     )
-    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(n_samples=16, greedy=False))
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 class TrackingConfig(_Strict):
@@ -75,6 +86,7 @@ class PipelineConfig(_Strict):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     local: LocalProfile = Field(default_factory=LocalProfile)
     slime: SlimeProfile = Field(default_factory=SlimeProfile)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @property
@@ -86,7 +98,8 @@ class PipelineConfig(_Strict):
         return self.local.rollout if self.backend == "local" else self.slime.rollout
 
     @property
-    def eval(self) -> EvalConfig:
+    def eval(self) -> LocalEvalConfig | EvalConfig:
+        """How the active backend samples its evaluation (n_samples, temperature, greedy, max_problems)."""
         return self.local.eval if self.backend == "local" else self.slime.eval
 
 

@@ -30,21 +30,31 @@ log = logging.getLogger("retool.stages")
 # ------------------------------------------------------------------------------------------------ helpers
 def _git_commit(root: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
 def _write_problems_jsonl(problems: list[Any], path: Path) -> int:
-    lines = [json.dumps({"prompt": p.prompt, "label": p.label, "id": getattr(p, "id", None)}) for p in problems]
+    lines = [
+        json.dumps({"prompt": p.prompt, "label": p.label, "id": getattr(p, "id", None)}) for p in problems
+    ]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return len(lines)
 
 
 def _data_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet") and p.is_file()
-                  and not p.name.startswith(".") and p.name != "manifest.json")
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.suffix in (".jsonl", ".json", ".parquet")
+        and p.is_file()
+        and not p.name.startswith(".")
+        and p.name != "manifest.json"
+    )
 
 
 def _slime_paths(cfg: PipelineConfig, layout: Layout) -> Any:
@@ -70,7 +80,9 @@ def _slime_paths(cfg: PipelineConfig, layout: Layout) -> Any:
 def _run_slime(name: str, cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
     from retool.backends.slime.stages import run_stage as run_slime_stage
 
-    result = run_slime_stage(name, cfg.slime, _slime_paths(cfg, layout), log=lambda line: log.info("%s", line))
+    result = run_slime_stage(
+        name, cfg.slime, _slime_paths(cfg, layout), log=lambda line: log.info("%s", line)
+    )
     return {"status": str(result.status), "job_id": result.job_id, "duration_s": result.duration_s}
 
 
@@ -102,7 +114,10 @@ def stage_download(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
             corpus = sorted((raw / "sft").iterdir())
             with atomic_dir(layout.base_model) as base:
                 build_base_model(cfg.local, corpus, base)
-        out = {"source": "synthetic", "report": report.to_dict() if hasattr(report, "to_dict") else str(report)}
+        out = {
+            "source": "synthetic",
+            "report": report.to_dict() if hasattr(report, "to_dict") else str(report),
+        }
     else:
         from retool.data.download import download
 
@@ -114,8 +129,9 @@ def stage_download(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
         if "base_model" not in sources:
             raise ValueError("data.sources.base_model: the real profile needs a base model source")
         dl = download(cfg.data.model_copy(update={"sources": datasets}), layout.raw / "sources")
-        models = download(cfg.data.model_copy(update={"sources": {"base": sources["base_model"]}}),
-                          layout.base_model.parent)
+        models = download(
+            cfg.data.model_copy(update={"sources": {"base": sources["base_model"]}}), layout.base_model.parent
+        )
         src = layout.raw / "sources"
         (layout.raw / "sft").mkdir(parents=True, exist_ok=True)
         for path in _data_files(src / "sft"):
@@ -146,8 +162,11 @@ def stage_convert(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
     with atomic_dir(layout.base_torch_dist) as out:
         atomic_write_json(
             out / "PASSTHROUGH.json",
-            {"backend": "local", "reason": "the local backend trains the Hugging Face checkpoint directly",
-             "source": str(layout.base_model)},
+            {
+                "backend": "local",
+                "reason": "the local backend trains the Hugging Face checkpoint directly",
+                "source": str(layout.base_model),
+            },
         )
     return {"passthrough": True}
 
@@ -158,8 +177,13 @@ def stage_sft_data(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
 
     layout.metrics.mkdir(parents=True, exist_ok=True)
     with atomic_dir(layout.sft_dir) as out:
-        report = convert_sft(layout.raw_sft, out / layout.sft_parquet.name, cfg.data,
-                             report_path=out / "report.json", progress=True)
+        report = convert_sft(
+            layout.raw_sft,
+            out / layout.sft_parquet.name,
+            cfg.data,
+            report_path=out / "report.json",
+            progress=True,
+        )
     data = report.to_dict() if hasattr(report, "to_dict") else json.loads(json.dumps(report, default=str))
     summary = {k: v for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     atomic_write_json(layout.metrics / "sft_data.json", summary)
@@ -179,9 +203,12 @@ def stage_sft(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
     from retool.backends.local.stages import run_sft
 
     with atomic_dir(layout.sft_model) as out:
-        result = run_sft(cfg.local, layout.sft_parquet, layout.base_model, out,
-                         checkpoint_dir=layout.checkpoints / "sft")
-        history = json.loads((out / "sft_history.json").read_text()) if (out / "sft_history.json").exists() else []
+        result = run_sft(
+            cfg.local, layout.sft_parquet, layout.base_model, out, checkpoint_dir=layout.checkpoints / "sft"
+        )
+        history = (
+            json.loads((out / "sft_history.json").read_text()) if (out / "sft_history.json").exists() else []
+        )
     _history_csv(history, layout.metrics / "sft_curve.csv", ["step", "loss", "lr", "tokens_per_s"])
     scalars = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     atomic_write_json(layout.metrics / "sft.json", scalars)
@@ -200,11 +227,27 @@ def stage_rl(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
     from retool.backends.local.stages import run_grpo
 
     with atomic_dir(layout.rl_model) as out:
-        summary = run_grpo(cfg.local, cfg.rollout, cfg.reward, cfg.sandbox, layout.train_jsonl, layout.sft_model,
-                           out, layout.eval_jsonl, checkpoint_dir=layout.checkpoints / "rl")
-        history = json.loads((out / "grpo_history.json").read_text()) if (out / "grpo_history.json").exists() else []
-    _history_csv(history, layout.metrics / "rl_curve.csv",
-                 ["step", "reward_mean", "acc", "tool_call_rate", "response_len_mean", "loss", "kl"])
+        summary = run_grpo(
+            cfg.local,
+            cfg.rollout,
+            cfg.reward,
+            cfg.sandbox,
+            layout.train_jsonl,
+            layout.sft_model,
+            out,
+            layout.eval_jsonl,
+            checkpoint_dir=layout.checkpoints / "rl",
+        )
+        history = (
+            json.loads((out / "grpo_history.json").read_text())
+            if (out / "grpo_history.json").exists()
+            else []
+        )
+    _history_csv(
+        history,
+        layout.metrics / "rl_curve.csv",
+        ["step", "reward_mean", "acc", "tool_call_rate", "response_len_mean", "loss", "kl"],
+    )
     last = summary.get("last") or {}
     scalars = {k: v for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     scalars.update(steps=summary.get("steps", 0), wall_s=summary.get("wall_s", 0.0))
@@ -213,19 +256,9 @@ def stage_rl(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
 
 
 def _episode_row(checkpoint: str, ep: Any) -> dict[str, Any]:
-    reward = getattr(ep, "reward", None)
-    calls = getattr(ep, "tool_calls", []) or []
-    return {
-        "checkpoint": checkpoint,
-        "prompt": getattr(ep, "prompt_text", None) or getattr(ep, "prompt", ""),
-        "label": getattr(ep, "label", ""),
-        "response": getattr(ep, "response_text", ""),
-        "tool_calls": len(calls),
-        "status": getattr(ep, "status", ""),
-        "pred": getattr(reward, "pred", None),
-        "correct": bool(getattr(reward, "correct", False)),
-        "reward": float(getattr(reward, "score", 0.0) or 0.0),
-    }
+    from retool.backends.slime.evaluate import episode_row
+
+    return {"checkpoint": checkpoint, **(ep if isinstance(ep, dict) else episode_row(ep))}
 
 
 def stage_eval(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
@@ -238,25 +271,37 @@ def stage_eval(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
         from retool.backends.local.stages import evaluate_checkpoint
 
         results = {}
-        for name in cfg.eval.checkpoints:
+        for name in cfg.evaluation.checkpoints:
             metrics, episodes = evaluate_checkpoint(
-                cfg.local, cfg.rollout, cfg.reward, cfg.sandbox, layout.model(name), layout.eval_jsonl,
-                cfg.eval.n_samples, greedy=cfg.eval.greedy, max_problems=cfg.eval.max_problems,
+                cfg.local,
+                cfg.rollout,
+                cfg.reward,
+                cfg.sandbox,
+                layout.model(name),
+                layout.eval_jsonl,
+                cfg.eval.n_samples,
+                greedy=cfg.eval.greedy,
+                max_problems=cfg.eval.max_problems,
             )
             results[name] = (metrics, episodes)
-    dataset = cfg.eval.dataset_name
+    dataset = cfg.evaluation.dataset_name
     table: dict[str, dict[str, float]] = {}
     samples: list[dict[str, Any]] = []
     parent = os.environ.get(tracking.PARENT_ENV) or tracking._active_run_id_safe()
-    for name, (metrics, episodes) in results.items():
-        table[name] = {k: float(v) for k, v in metrics.items()}
-        rows = [_episode_row(name, ep) for ep in episodes[: cfg.eval.samples_logged]]
+    for ckpt, (metrics, episodes) in results.items():
+        label = str(ckpt)
+        table[label] = {k: float(v) for k, v in metrics.items()}
+        rows = [_episode_row(label, ep) for ep in episodes[: cfg.evaluation.samples_logged]]
         samples.extend(rows)
-        # One run per checkpoint, same metric names: the MLflow compare view puts them side by side.
-        with tracking.stage_run(f"eval:{name}", experiment=cfg.tracking.experiment, parent_run_id=parent,
-                                tags={"retool.stage": "eval", "retool.checkpoint": name}):
-            tracking.log_metrics({f"eval/{dataset}/{k}": v for k, v in table[name].items()})
-            tracking.log_table(rows, f"eval_samples_{name}.json")
+        # One run per checkpoint, same metric labels: the MLflow compare view puts them side by side.
+        with tracking.stage_run(
+            f"eval:{label}",
+            experiment=cfg.tracking.experiment,
+            parent_run_id=parent,
+            tags={"retool.stage": "eval", "retool.checkpoint": label},
+        ):
+            tracking.log_metrics({f"eval/{dataset}/{k}": v for k, v in table[label].items()})
+            tracking.log_table(rows, f"eval_samples_{label}.json")
     layout.metrics.mkdir(parents=True, exist_ok=True)
     atomic_write_json(layout.metrics / "eval.json", table)
     atomic_write_text(layout.metrics / "eval_samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
@@ -267,14 +312,23 @@ def stage_export(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
     """The final model in the Hugging Face layout with a model card carrying its evaluation."""
     evals = json.loads((layout.metrics / "eval.json").read_text())
     with atomic_dir(layout.export) as out:
-        shutil.copytree(layout.rl_model, out / "model",
-                        ignore=shutil.ignore_patterns("checkpoints", ".*", "*.tmp*"))
-        lines = ["# ReTool model", "", f"Profile `{cfg.profile}` (backend `{cfg.backend}`), seed {cfg.seed}.", "",
-                 "| checkpoint | acc | pass@k | tool_call_rate |", "|---|---|---|---|"]
+        shutil.copytree(
+            layout.rl_model, out / "model", ignore=shutil.ignore_patterns("checkpoints", ".*", "*.tmp*")
+        )
+        lines = [
+            "# ReTool model",
+            "",
+            f"Profile `{cfg.profile}` (backend `{cfg.backend}`), seed {cfg.seed}.",
+            "",
+            "| checkpoint | acc | pass@k | tool_call_rate |",
+            "|---|---|---|---|",
+        ]
         for name, m in evals.items():
             passk = next((v for k, v in m.items() if k.startswith("pass@")), float("nan"))
-            lines.append(f"| {name} | {m.get('acc', float('nan')):.3f} | {passk:.3f} | "
-                         f"{m.get('tool_call_rate', float('nan')):.3f} |")
+            lines.append(
+                f"| {name} | {m.get('acc', float('nan')):.3f} | {passk:.3f} | "
+                f"{m.get('tool_call_rate', float('nan')):.3f} |"
+            )
         atomic_write_text(out / "MODEL_CARD.md", "\n".join(lines) + "\n")
         atomic_write_json(out / "eval.json", evals)
     return {"exported": str(layout.export / "model")}
@@ -300,11 +354,16 @@ def run_stage(name: str, cfg: PipelineConfig, root: str | Path = ".") -> dict[st
     if cfg.tracking.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(root).resolve() / 'mlflow.db'}")
-    tags = {"retool.stage": name, "retool.profile": cfg.profile, "retool.backend": cfg.backend,
-            "git.commit": _git_commit(Path(root))}
+    tags = {
+        "retool.stage": name,
+        "retool.profile": cfg.profile,
+        "retool.backend": cfg.backend,
+        "git.commit": _git_commit(Path(root)),
+    }
     start = time.monotonic()
-    with tracking.stage_run(name, experiment=cfg.tracking.experiment, params=cfg.model_dump(mode="json"),
-                            tags=tags):
+    with tracking.stage_run(
+        name, experiment=cfg.tracking.experiment, params=cfg.model_dump(mode="json"), tags=tags
+    ):
         log.info("stage %s: profile %s, backend %s", name, cfg.profile, cfg.backend)
         summary = STAGE_FUNCS[name](cfg, layout)
         tracking.log_metrics({f"stage/{name}_s": time.monotonic() - start})
@@ -315,11 +374,20 @@ def run_stage(name: str, cfg: PipelineConfig, root: str | Path = ".") -> dict[st
 def format_plan(cfg: PipelineConfig) -> str:
     """Every stage's exact command for the profile, without running anything."""
     if cfg.backend == "slime":
-        from retool.backends.slime.plan import format_plan as slime_format, plan as slime_plan
+        from retool.backends.slime.plan import format_plan as slime_format
+        from retool.backends.slime.plan import plan as slime_plan
 
-        header = [f"# profile {cfg.profile}: slime on Ray; each DVC stage runs `retool stage NAME`, which submits:"]
-        return "\n".join(header) + "\n" + slime_format(slime_plan(cfg.slime, _slime_paths(cfg, Layout(Path(".")))))
+        header = [
+            f"# profile {cfg.profile}: slime on Ray; each DVC stage runs `retool stage NAME`, which submits:"
+        ]
+        return (
+            "\n".join(header)
+            + "\n"
+            + slime_format(slime_plan(cfg.slime, _slime_paths(cfg, Layout(Path(".")))))
+        )
     lines = [f"# profile {cfg.profile}: local backend on {cfg.local.device}; each stage runs in-process:"]
     for name in STAGES:
-        lines.append(f"{name:>9}: retool stage {name}   ({STAGE_FUNCS[name].__doc__.splitlines()[0]})")
+        lines.append(
+            f"{name:>9}: retool stage {name}   ({(STAGE_FUNCS[name].__doc__ or '').splitlines()[0]})"
+        )
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -75,10 +76,8 @@ def _stop_group(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @task(name="stage", task_run_name="{stage}", retries=1, retry_delay_seconds=5)
@@ -86,5 +85,7 @@ def run_stage(stage: str, project_dir: str, env: dict[str, str] | None = None) -
     """One pipeline stage; a retry resumes from the stage's last checkpoint (DVC `persist` outputs)."""
     logger = get_run_logger()
     outcome = repro(stage, Path(project_dir), env, logger)
-    logger.info("stage %s %s in %.1f s", stage, "ran" if outcome.ran else "unchanged, skipped", outcome.seconds)
+    logger.info(
+        "stage %s %s in %.1f s", stage, "ran" if outcome.ran else "unchanged, skipped", outcome.seconds
+    )
     return asdict(outcome)
