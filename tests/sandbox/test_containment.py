@@ -329,13 +329,14 @@ print(libc.shmget(0x5EC2E7, 4096, 0o1600) >= 0, libc.msgget(0x5EC2E8, 0o1600) >=
     probe = """
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
-print(libc.shmget(0x5EC2E7, 0, 0) >= 0, libc.msgget(0x5EC2E8, 0) >= 0, open("/proc/sysvipc/shm").read().count("\n"))
+print(libc.shmget(0x5EC2E7, 0, 0) >= 0, libc.msgget(0x5EC2E8, 0) >= 0, len(open("/proc/sysvipc/shm").read().splitlines()))
 """
     for _ in range(sandbox.workers):
         r = sandbox.run(make)
         assert r.stdout.strip() == "True True", r.observation()
     for _ in range(2 * sandbox.workers):
-        assert sandbox.run(probe).stdout.strip() == "False False 1"
+        p = sandbox.run(probe)
+        assert p.stdout.strip() == "False False 1", p.observation()
 
 
 def test_legitimate_math_code_works(sandbox):

@@ -128,15 +128,36 @@ def test_request_size_is_capped(server):
 
 
 def test_overload_is_answered_not_queued(server):
-    async def burst() -> list[int]:
-        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
-            rs = await asyncio.gather(
-                *(c.post(f"{server}/run_code", json={"code": "import time; time.sleep(1)"}) for _ in range(4))
-            )
-            return [r.status_code for r in rs]
+    import threading
 
-    codes = asyncio.run(burst())
-    assert codes.count(200) >= 1 and codes.count(429) >= 1, codes
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    first: list[int] = []
+    t = threading.Thread(
+        target=lambda: first.append(
+            httpx.post(
+                f"{server}/run_code", json={"code": "import time; time.sleep(2)"}, headers=auth, timeout=30
+            ).status_code
+        )
+    )
+    t.start()
+    end = time.monotonic() + 10
+    while httpx.get(f"{server}/info", headers=auth).json()["in_flight"] < 1 and time.monotonic() < end:
+        time.sleep(0.02)
+    busy = httpx.post(f"{server}/run_code", json={"code": "print(1)"}, headers=auth, timeout=30)
+    t.join()
+    assert busy.status_code == 429 and busy.headers.get("Retry-After"), busy.text
+    assert first == [200]
+    # the client retries busy answers with backoff instead of failing
+    with RemoteSandbox(server, token=TOKEN, retries=30) as rs:
+        results: list[str] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(rs.run("print(7)").stdout)) for _ in range(3)
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert results == ["7\n"] * 3
 
 
 def test_non_loopback_without_token_is_refused(capsys):
