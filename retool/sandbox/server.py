@@ -97,6 +97,14 @@ class SandboxServer:
                 f"busy: {self.in_flight} calls in flight (capacity {self.capacity})",
                 **{"Retry-After": "1"},
             )
+        # admit before the first await, so requests arriving together cannot all pass the check
+        self.in_flight += 1
+        try:
+            return await self._run_admitted(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _run_admitted(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
         except web.HTTPRequestEntityTooLarge:
@@ -112,14 +120,11 @@ class SandboxServer:
         if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
             return _error(400, '"run_timeout" must be a positive number of seconds')
         timeout = min(float(timeout), self.max_timeout_s) if timeout else None
-        self.in_flight += 1
         try:
             res = await self.sandbox.arun(body["code"], timeout)
         except Exception as e:
             log.exception("sandbox call failed")
             return _error(500, f"sandbox failure: {type(e).__name__}")
-        finally:
-            self.in_flight -= 1
         return web.json_response(to_fusion(res))
 
     async def ping(self, request: web.Request) -> web.Response:

@@ -147,6 +147,20 @@ def test_overload_is_answered_not_queued(server):
     t.join()
     assert busy.status_code == 429 and busy.headers.get("Retry-After"), busy.text
     assert first == [200]
+
+    # requests arriving together: admission is decided before any await, so the excess is refused
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(headers=auth, timeout=30) as c:
+            rs = await asyncio.gather(
+                *(
+                    c.post(f"{server}/run_code", json={"code": "import time; time.sleep(0.5)"})
+                    for _ in range(4)
+                )
+            )
+            return [r.status_code for r in rs]
+
+    codes = asyncio.run(burst())
+    assert codes.count(200) >= 1 and codes.count(429) >= 1, codes
     # the client retries busy answers with backoff instead of failing
     with RemoteSandbox(server, token=TOKEN, retries=30) as rs:
         results: list[str] = []
