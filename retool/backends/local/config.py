@@ -24,7 +24,15 @@ class LocalModelConfig(BaseModel):
     # Fixed strings made single tokens on top of the byte alphabet (the Tool Format's tags are always
     # added); with `harvest_min_count` > 0 the builder also adds every line of a system/user prompt that
     # recurs at least that many times in the corpus, so the long fixed tool prompt costs a few tokens.
-    extra_tokens: list[str] = Field(default_factory=lambda: ["```python\n", "\n```", "print("])
+    extra_tokens: list[str] = Field(
+        default_factory=lambda: [
+            '{"name": "code_interpreter", "arguments": {"code": "',
+            '"}}',
+            "```python\n",
+            "\n```",
+            "print(",
+        ]
+    )
     harvest_min_count: int = Field(50, ge=0)
     harvest_min_chars: int = Field(12, ge=2)
 
@@ -58,6 +66,7 @@ class LocalSFTConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     max_seq_len: int = Field(1024, ge=16)
     max_examples: int | None = Field(None, ge=1)
+    render_tools: bool = True  # render the tool list in the system turn, as the episode loop's prompt does
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
 
@@ -121,10 +130,16 @@ def smoke_config(**overrides: object) -> LocalConfig:
         threads=2,
         progress=False,
         model=LocalModelConfig(
-            num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1
+            num_hidden_layers=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
         ),
         sft=LocalSFTConfig(max_steps=30, batch_size=8, warmup_steps=3, checkpoint_every=10, log_every=5),
-        grpo=LocalGRPOConfig(steps=2, prompts_per_step=2, n_samples=2, micro_batch_size=4, checkpoint_every=1),
+        grpo=LocalGRPOConfig(
+            steps=2, prompts_per_step=2, n_samples=2, micro_batch_size=4, checkpoint_every=1
+        ),
         eval=LocalEvalConfig(n_samples=2),
     )
     return cfg.model_copy(update=overrides)

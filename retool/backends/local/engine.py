@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +135,9 @@ class LocalEngine:
         # batch state
         self._layers: list[_BufferLayer] = []
         self._mask: torch.Tensor | None = None  # [B, L] 1 for real tokens
+        # transformers renamed past_key_values to cache (5.2x); use whichever this version takes
+        params = inspect.signature(type(model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.forwards = 0  # counters, for tests and benchmarks
         self.decode_steps = 0
 
@@ -241,7 +245,11 @@ class LocalEngine:
             for _ in range(cfg.num_hidden_layers)
         ]
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=Cache(layers=layers), use_cache=True
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            **{self._cache_kw: Cache(layers=layers)},  # type: ignore[arg-type]
+            use_cache=True,
         )
         self.forwards += 1
         keep = mask.bool()[:, None, :, None]
@@ -259,8 +267,8 @@ class LocalEngine:
             input_ids=ids,
             attention_mask=self._mask,
             position_ids=pos,
-            past_key_values=Cache(layers=self._layers),  # type: ignore[arg-type]
             use_cache=True,
+            **{self._cache_kw: Cache(layers=self._layers)},  # type: ignore[arg-type]
         )
         self.forwards += 1
         self.decode_steps += 1

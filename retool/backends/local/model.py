@@ -75,6 +75,9 @@ TOOLS_FOOTER = (
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 )
 
+# role headers after <|im_start|>, one token each (non-special, so decoding keeps them)
+ROLE_TOKENS = ["system\n", "user\n", "assistant\n"]
+
 # Qwen-style ChatML with tools: the system turn lists the tools, assistant tool calls render as
 # <tool_call> JSON, consecutive tool results share one user turn of <tool_response> blocks.
 CHAT_TEMPLATE = (
@@ -124,7 +127,13 @@ def tool_spec() -> dict[str, Any]:
 def fixed_prompt_tokens() -> list[str]:
     """The long fixed strings of the tool prompt, each made a single token."""
     lines = [ln for ln in (TOOLS_HEADER + "\n" + TOOLS_FOOTER).split("\n") if len(ln) > 8]
-    return [json.dumps(tool_spec()), *lines]
+    try:
+        from retool.prompts import DEFAULT_SYSTEM_PROMPT
+
+        lines.append(DEFAULT_SYSTEM_PROMPT)
+    except Exception:
+        pass
+    return [json.dumps(tool_spec(), ensure_ascii=False), *lines]
 
 
 def harvest_lines(texts: Iterable[str], min_count: int, min_chars: int) -> list[str]:
@@ -140,7 +149,7 @@ def harvest_lines(texts: Iterable[str], min_count: int, min_chars: int) -> list[
 
 
 def _corpus_prompts(paths: Sequence[str | os.PathLike[str]], limit: int = 20000) -> list[str]:
-    """System and user texts of the corpus (jsonl/parquet of messages, or prompt jsonl) for harvesting."""
+    """Message texts of the corpus (jsonl/parquet of messages, or prompt jsonl) for harvesting."""
     out: list[str] = []
     for raw in paths:
         path = Path(raw)
@@ -163,7 +172,7 @@ def _corpus_prompts(paths: Sequence[str | os.PathLike[str]], limit: int = 20000)
             if isinstance(msgs, str):
                 msgs = json.loads(msgs)
             if msgs:
-                out.extend(m.get("content") or "" for m in msgs if m.get("role") in ("system", "user"))
+                out.extend(m.get("content") or "" for m in msgs)
             elif "prompt" in row:
                 p = row["prompt"]
                 out.append(p if isinstance(p, str) else json.dumps(p))
@@ -188,6 +197,7 @@ def build_tokenizer(cfg: LocalModelConfig, corpus_texts: Iterable[str] = ()) -> 
     extra: list[str] = []
     for s in [
         *TAG_TOKENS,
+        *ROLE_TOKENS,
         *fixed_prompt_tokens(),
         *cfg.extra_tokens,
         *harvest_lines(corpus_texts, cfg.harvest_min_count, cfg.harvest_min_chars),
