@@ -176,9 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = "flock /tmp/retool-cpu.lock .venv/bin/python benchmarks/sandbox_bench.py" + (
-        " --quick" if q else ""
-    )
+    cmd = "python benchmarks/sandbox_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["command"], results["where"] = cmd.strip(), args.where
     _atomic_write(out / "sandbox.json", json.dumps(results, indent=2) + "\n")
     _atomic_write(out / "sandbox.md", render_md(results, cmd))
     print(f"wrote {out / 'sandbox.json'} and {out / 'sandbox.md'}")
