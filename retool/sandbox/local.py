@@ -250,7 +250,14 @@ class Sandbox:
         cfg = self.config
         timeout = float(timeout_s) if timeout_s else cfg.wall_timeout_s
         req = {"code": code, "timeout": timeout}
-        slot = self._idle.get()
+        while True:  # wait for a free slot, but never past close()
+            if self._closed:
+                raise SandboxError("sandbox is closed")
+            try:
+                slot = self._idle.get(timeout=0.25)
+                break
+            except queue.Empty:
+                continue
         use_heavy = (
             not self._fast or slot.light is None or bool(self._heavy_re and self._heavy_re.search(code))
         )

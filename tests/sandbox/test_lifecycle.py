@@ -61,6 +61,29 @@ def test_close_leaves_no_process_zombie_or_scratch(tier):
         sb.run("print(1)")
 
 
+def test_close_releases_callers_waiting_for_a_worker():
+    import threading
+
+    sb = Sandbox(small_config("auto", workers=1))
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            sb.run("import time\ntime.sleep(1)")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    sb.close()
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads), "a caller stayed blocked after close()"
+    assert errors and all(isinstance(e, RuntimeError) for e in errors)
+
+
 @pytest.mark.parametrize("tier", tiers.TIERS)
 def test_killing_the_parent_leaves_nothing(tier, tmp_path):
     require_tier(tier)
