@@ -10,7 +10,7 @@ ap.add_argument("--lines", type=int, default=5)
 ap.add_argument("--exit-code", type=int, default=0)
 ap.add_argument("--hang", action="store_true", help="after the lines, print READY and sleep until killed")
 ap.add_argument("--pid-file", default=None)
-ap.add_argument("--show-env", default=None, help="print this environment variable")
+ap.add_argument("--show-env", action="append", default=[], help="print this environment variable")
 ap.add_argument("--import-retool", action="store_true", help="print where the retool package came from")
 args = ap.parse_args()
 
@@ -18,8 +18,8 @@ if args.pid_file:
     with open(args.pid_file + ".tmp", "w") as f:
         f.write(str(os.getpid()))
     os.replace(args.pid_file + ".tmp", args.pid_file)
-if args.show_env:
-    print(f"ENV {args.show_env}={os.environ.get(args.show_env)}", flush=True)
+for name in args.show_env:
+    print(f"ENV {name}={os.environ.get(name)}", flush=True)
 if args.import_retool:
     import retool.backends.slime.checkpoints as mod
 

@@ -66,7 +66,8 @@ class TestRayJobRunner:
 
         lines: list[str] = []
         good = spec(
-            "--lines", "4", "--show-env", "RETOOL_MARK", "--import-retool", env={"RETOOL_MARK": "x42"}, ship=True
+            "--lines", "4", "--show-env", "RETOOL_MARK", "--show-env", "PYTHONPATH", "--import-retool",
+            env={"RETOOL_MARK": "x42", "PYTHONPATH": "/opt/fake-megatron:/opt/fake-slime"}, ship=True,
         )  # fmt: skip
         bad = spec("--lines", "2", "--exit-code", "3", name="broken")
         with ThreadPoolExecutor(2) as pool:
@@ -82,6 +83,9 @@ class TestRayJobRunner:
         shipped = next(ln for ln in lines if ln.startswith("RETOOL_FROM "))
         # py_modules puts the uploaded copy first on the job's path, not this checkout
         assert not shipped.split(" ", 1)[1].startswith(str(package_root())), shipped
+        # ...and keeps the slime / Megatron-LM entries our env_vars put on PYTHONPATH
+        pythonpath = next(ln for ln in lines if ln.startswith("ENV PYTHONPATH=")).split("=", 1)[1].split(":")
+        assert "/opt/fake-megatron" in pythonpath and "/opt/fake-slime" in pythonpath
         assert result.duration_s > 0
 
         assert failed.status == "FAILED" and failed.job_id.startswith("retool-broken-")
