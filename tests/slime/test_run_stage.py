@@ -51,10 +51,13 @@ def test_rl_stage_logs_mirrors_and_resumes(
 
     monkeypatch.delenv("FAKE_FAIL_AT")
     lines.clear()
-    result = run_stage("rl", cfg, paths, LocalRunner(), lines.append, run_id=run_id)
+    result = run_stage(
+        "rl", cfg, paths, LocalRunner(), lines.append, run_id=run_id, extra_env={"RETOOL_MARK": "m1"}
+    )
     assert result.ok
     assert any("resuming from" in ln and "iteration 1" in ln for ln in lines)
     assert "start_rollout_id=2" in lines  # continued after the saved iteration, not from zero
+    assert "RETOOL_MARK=m1" in lines  # extra job env (e.g. the hooks' settings) reaches the job
 
     steps = sorted(h.step for h in client.get_metric_history(run_id, "rollout/acc"))
     assert steps == [0, 1, 2, 2, 3, 4, 5]  # rollout 2 ran in the crashed attempt and again after resume

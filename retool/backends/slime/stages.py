@@ -60,14 +60,18 @@ def stage_job(
     *,
     run_id: str | None = None,
     environ: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> JobSpec:
-    """The job ``run_stage`` submits, with the MLflow run id and tracking URI in its environment."""
+    """The job ``run_stage`` submits, with the MLflow run id and tracking URI in its environment.
+
+    ``extra_env`` adds job variables, e.g. ``retool.backends.slime.hooks.hooks_env(...)`` for the RL job.
+    """
     return build_job(
         name,
         cfg,
         paths,
         environ=os.environ if environ is None else environ,
-        extra_env=_tracking_env(run_id),
+        extra_env={**_tracking_env(run_id), **(extra_env or {})},
     )
 
 
@@ -79,6 +83,7 @@ def run_stage(
     log: LogFn = print,
     *,
     run_id: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
     check: bool = True,
 ) -> JobResult:
     """Run one slime stage to completion (or failure / stop) and return its result.
@@ -87,7 +92,7 @@ def run_stage(
     did not succeed raises ``JobFailedError`` carrying the result and the log tail.
     """
     run_id = run_id or _current_run_id()
-    spec = stage_job(name, cfg, paths, run_id=run_id)
+    spec = stage_job(name, cfg, paths, run_id=run_id, extra_env=extra_env)
     runner = runner or make_runner(cfg)
     if spec.save_dir and name in ("sft", "rl") and cfg.cluster.shared_filesystem:
         ckpt = latest_checkpoint(spec.save_dir)

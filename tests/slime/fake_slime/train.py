@@ -50,6 +50,7 @@ if args.load and os.path.exists(os.path.join(args.load, "latest_checkpointed_ite
     with open(os.path.join(args.load, "latest_checkpointed_iteration.txt")) as f:
         start = int(f.read()) + 1
 print(f"start_rollout_id={start}", flush=True)
+print(f"RETOOL_MARK={os.environ.get('RETOOL_MARK')}", flush=True)
 
 # tensorboard's own writer (the same event-file format torch's SummaryWriter writes; importing torch
 # would only make this stand-in slower)
