@@ -23,9 +23,11 @@ from retool.parsing import CALL_STOP_STRINGS, ToolCall, last_answer_position, pa
 from retool.prompts import (
     DEFAULT_SYSTEM_PROMPT,
     RenderedPrompt,
+    ToolTurnRenderer,
     build_prompt,
+    decode_ids,
+    encode_text,
     format_interpreter,
-    render_tool_turn,
 )
 from retool.reward import Reward, RewardConfig, ascore
 
@@ -218,7 +220,7 @@ def _end_token_ids(tokenizer: Any) -> list[int]:
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    return str(tokenizer.decode(list(ids), skip_special_tokens=False))
+    return decode_ids(tokenizer, list(ids))
 
 
 def _trim_point(tokenizer: Any, token_ids: list[int], text: str, char_end: int) -> int:
@@ -264,7 +266,7 @@ def _coerce_prompt(
 ) -> RenderedPrompt:
     if isinstance(prompt, RenderedPrompt):
         if not prompt.token_ids:
-            ids = list(engine.tokenizer.encode(prompt.text, add_special_tokens=False))
+            ids = encode_text(engine.tokenizer, prompt.text)
             return RenderedPrompt(prompt.text, ids, prompt.chat_template)
         return prompt
     specs = tools.specs() if tools is not None and hasattr(tools, "specs") else None
@@ -324,6 +326,7 @@ async def run_episode(
     stop_reason: StopReason = "end_of_turn"
     error: str | None = None
     gen_time = tool_time = 0.0
+    tool_turn: ToolTurnRenderer | None = None
 
     def remaining() -> int:
         left = config.max_context_tokens - len(prompt_ids) - len(response_ids)
@@ -451,12 +454,12 @@ async def run_episode(
             status, stop_reason = "truncated", "max_tool_calls"
             break
         if any(c.fmt == "tool_call" for c in to_run):
-            obs_text = render_tool_turn(
-                tokenizer, results, tools=specs, chat_template_kwargs=config.chat_template_kwargs
-            )
+            if tool_turn is None:
+                tool_turn = ToolTurnRenderer(tokenizer, specs, config.chat_template_kwargs)
+            obs_text = tool_turn(results)
         else:
             obs_text = "".join(format_interpreter(r) for r in results)
-        obs_ids = list(tokenizer.encode(obs_text, add_special_tokens=False))
+        obs_ids = encode_text(tokenizer, obs_text)
         room = remaining()
         overflow = len(obs_ids) > room
         if overflow:

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from retool.engines.base import EngineError, Generation, SamplingParams, retry_async
+from retool.prompts import decode_ids
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class SGLangEngine:
         )
         gen = parse_sglang_response(body)
         if gen.token_ids:
-            gen.text = str(self.tokenizer.decode(gen.token_ids, skip_special_tokens=False))
+            gen.text = decode_ids(self.tokenizer, gen.token_ids)
         return gen
 
     async def aclose(self) -> None:

@@ -264,3 +264,15 @@ def test_rollout_config_rejects_unknown_keys() -> None:
 def test_run_episodes_checks_lengths() -> None:
     with pytest.raises(ValueError, match="2 prompts, 1 labels"):
         asyncio.run(run_episodes(None, ["a", "b"], labels=["1"]))  # type: ignore[arg-type]
+
+
+async def test_markdown_block_runs_only_without_a_following_answer(engine, tools, server) -> None:
+    tag = script(server, "Let me check\n```python\nprint(6 * 7)\n```\n", "\\boxed{42}")
+    ep = await run_episode(engine, f"{tag} q", label="42", config=RolloutConfig(), tools=tools)
+    [rec] = ep.tool_calls
+    assert (rec.fmt, rec.observation.strip()) == ("markdown", "42")
+    assert "<interpreter>\n42\n</interpreter>" in ep.response_text and ep.reward and ep.reward.correct
+    # a code block that is followed by the answer is solution text, not a call
+    tag = script(server, "Worked out:\n```python\nprint(6 * 7)\n```\nso \\boxed{42}")
+    ep = await run_episode(engine, f"{tag} q", label="42", config=RolloutConfig(), tools=tools)
+    assert ep.tool_calls == [] and ep.stop_reason == "answer" and ep.reward and ep.reward.correct
