@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -48,6 +50,14 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
             out[name] = text[:_MAX_PARAM_LEN]
     return out
+
+
+_INVALID_KEY = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_key(name: str) -> str:
+    """MLflow refuses '@' (and most punctuation) in metric names: ``pass@4`` is logged as ``pass_at_4``."""
+    return _INVALID_KEY.sub("_", name.replace("@", "_at_"))
 
 
 def tracking_uri() -> str:
@@ -99,37 +109,37 @@ def _active_run_id() -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- logging
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log numeric metrics to the active run (or the offline buffer). Never raises."""
-    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v == v}
+def log_metrics(metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
+    """Log finite numeric metrics to ``run_id`` or the active run (or the offline buffer). Never raises.
+
+    Names are made MLflow-safe with :func:`metric_key` (``pass@4`` → ``pass_at_4``).
+    """
+    clean = {
+        metric_key(k): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
     if not clean:
         return
     offline = _state["offline_run"]
-    if offline is not None:
+    if offline is not None and run_id is None:
         _buffer({"kind": "metrics", "run": offline, "metrics": clean, "step": step, "ts": time.time()})
         return
+    target = run_id
     try:
-        run_id = _active_run_id()
-        if run_id is None:
+        target = run_id or _active_run_id()
+        if target is None:
             return
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
         ts = int(time.time() * 1000)
         MlflowClient().log_batch(
-            run_id, metrics=[Metric(k, v, ts, step or 0) for k, v in clean.items()], synchronous=True
+            target, metrics=[Metric(k, v, ts, step or 0) for k, v in clean.items()], synchronous=True
         )
     except Exception as err:  # noqa: BLE001 - tracking must never stop training
         _warn_offline(err)
-        _buffer(
-            {
-                "kind": "metrics",
-                "run": _active_run_id_safe(),
-                "metrics": clean,
-                "step": step,
-                "ts": time.time(),
-            }
-        )
+        _buffer({"kind": "metrics", "run": target, "metrics": clean, "step": step, "ts": time.time()})
 
 
 def _active_run_id_safe() -> str | None:

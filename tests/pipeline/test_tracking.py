@@ -47,7 +47,9 @@ def test_parent_child_runs_params_and_stepped_metrics_on_a_real_server(fresh_tra
         monkeypatch.setenv(tracking.PARENT_ENV, parent)
         with tracking.stage_run("rl", experiment="t-real", params={"grpo": {"lr": 1e-4}}) as child:
             for step in range(3):
-                tracking.log_metrics({"rollout/reward_mean": 0.1 * step, "bad": float("nan")}, step=step)
+                tracking.log_metrics(
+                    {"rollout/reward_mean": 0.1 * step, "bad": float("nan"), "eval/pass@4": 0.5}, step=step
+                )
     client = MlflowClient(url)
     child_run = client.get_run(child)
     assert child_run.data.tags["mlflow.parentRunId"] == parent
@@ -55,6 +57,7 @@ def test_parent_child_runs_params_and_stepped_metrics_on_a_real_server(fresh_tra
     history = client.get_metric_history(child, "rollout/reward_mean")
     assert [m.step for m in history] == [0, 1, 2]
     assert "bad" not in child_run.data.metrics  # NaN is dropped, not sent
+    assert child_run.data.metrics["eval/pass_at_4"] == 0.5  # '@' is not allowed in MLflow names
     assert client.get_run(parent).data.tags["git.commit"] == "abc"
     assert child_run.info.status == "FINISHED"
 
