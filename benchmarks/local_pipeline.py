@@ -69,7 +69,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/retool-local-bench", help="scratch directory (wiped)")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="tiny profile params (defaults if absent)")
+    ap.add_argument(
+        "--params", default=str(ROOT / "params.yaml"), help="tiny profile params (defaults if absent)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="override local.threads")
     ap.add_argument("--grpo-steps", type=int, default=None)
     ap.add_argument("--sft-size", type=int, default=None)
@@ -92,7 +94,9 @@ def main() -> int:
         local = local.model_copy(update={"grpo": local.grpo.model_copy(update={"steps": args.grpo_steps})})
     data = cfg.data
     if args.sft_size:
-        data = data.model_copy(update={"synthetic": data.synthetic.model_copy(update={"sft_size": args.sft_size})})
+        data = data.model_copy(
+            update={"synthetic": data.synthetic.model_copy(update={"sft_size": args.sft_size})}
+        )
     # the prompt the episode loop renders must be the one SFT trained on: the synthetic task's
     rollout = cfg.rollout.model_copy(update={**TINY_ROLLOUT, "system_prompt": data.synthetic.system_prompt})
     reward, sandbox = cfg.reward, cfg.sandbox
@@ -142,7 +146,9 @@ def main() -> int:
     print("eval_sft", json.dumps({k: round(v, 3) for k, v in sft_metrics.items()}), flush=True)
 
     t0 = time.perf_counter()
-    rl = run_grpo(local, rollout, reward, sandbox, train_jsonl, work / "models" / "sft", work / "models" / "rl")
+    rl = run_grpo(
+        local, rollout, reward, sandbox, train_jsonl, work / "models" / "sft", work / "models" / "rl"
+    )
     phase("rl", t0)
 
     t0 = time.perf_counter()
@@ -155,23 +161,47 @@ def main() -> int:
 
     rss = rss_mb()
     peak = max(rss["self_peak_mb"], tree_peak)
-    keys = ["acc", "greedy_acc", "tool_call_rate", "code_error_rate", "answer_rate", "reward_mean",
-            f"pass@{n_eval}", "response_len_mean", "turns_mean", "truncated_rate"]
+    keys = [
+        "acc",
+        "greedy_acc",
+        "tool_call_rate",
+        "code_error_rate",
+        "answer_rate",
+        "reward_mean",
+        f"pass@{n_eval}",
+        "response_len_mean",
+        "turns_mean",
+        "truncated_rate",
+    ]
     result: dict[str, Any] = {
         "command": "flock /tmp/retool-cpu.lock .venv/bin/python benchmarks/local_pipeline.py "
         + " ".join(sys.argv[1:]),
         "seed": args.seed,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": local.threads, "python": platform.python_version(),
-                    "torch": torch.__version__, "load_avg": loads},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": local.threads,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_avg": loads,
+        },
         "phases_s": phases,
         "total_s": round(total, 1),
-        "peak_rss_mb": {"main_process": round(rss["self_peak_mb"], 1),
-                        "largest_child": round(rss["children_peak_mb"], 1),
-                        "process_tree_sampled": round(tree_peak, 1)},
-        "data": {"sft_rows": report.sft_rows, "train_prompts": report.train_rows, "eval_prompts": report.eval_rows},
+        "peak_rss_mb": {
+            "main_process": round(rss["self_peak_mb"], 1),
+            "largest_child": round(rss["children_peak_mb"], 1),
+            "process_tree_sampled": round(tree_peak, 1),
+        },
+        "data": {
+            "sft_rows": report.sft_rows,
+            "train_prompts": report.train_rows,
+            "eval_prompts": report.eval_rows,
+        },
         "sft": {k: v for k, v in sft.items() if isinstance(v, int | float)},
-        "rl": {"steps": rl["steps"], "wall_s": round(rl["wall_s"], 1),
-               "last_step": {k: v for k, v in (rl.get("last") or {}).items() if isinstance(v, int | float)}},
+        "rl": {
+            "steps": rl["steps"],
+            "wall_s": round(rl["wall_s"], 1),
+            "last_step": {k: v for k, v in (rl.get("last") or {}).items() if isinstance(v, int | float)},
+        },
         "eval_n_samples": n_eval,
         "eval_sft": {k: sft_metrics.get(k) for k in keys},
         "eval_rl": {k: rl_metrics.get(k) for k in keys},
@@ -199,32 +229,30 @@ def main() -> int:
 
 def render_md(r: dict[str, Any]) -> str:
     es, er = r["eval_sft"], r["eval_rl"]
-    rows = "\n".join(
-        f"| {k} | {fmt(es.get(k))} | {fmt(er.get(k))} |" for k in es
-    )
+    rows = "\n".join(f"| {k} | {fmt(es.get(k))} | {fmt(er.get(k))} |" for k in es)
     ph = " · ".join(f"{k} {v:.0f} s" for k, v in r["phases_s"].items())
     acc = r["acceptance"]
     return f"""## Local backend: the whole tiny pipeline on 2 CPU cores
 
-Command: `{r['command']}` (seed {r['seed']}, {r['machine']['torch_threads']} torch threads,
-torch {r['machine']['torch']}, {r['machine']['cpus']} CPUs; load averages per phase: {r['machine']['load_avg']})
+Command: `{r["command"]}` (seed {r["seed"]}, {r["machine"]["torch_threads"]} torch threads,
+torch {r["machine"]["torch"]}, {r["machine"]["cpus"]} CPUs; load averages per phase: {r["machine"]["load_avg"]})
 
-- Total {r['total_s']:.0f} s (limit 900 s): {ph}
-- Peak RSS {r['peak_rss_mb']['main_process']:.0f} MB main process, {r['peak_rss_mb']['process_tree_sampled']:.0f} MB
+- Total {r["total_s"]:.0f} s (limit 900 s): {ph}
+- Peak RSS {r["peak_rss_mb"]["main_process"]:.0f} MB main process, {r["peak_rss_mb"]["process_tree_sampled"]:.0f} MB
   process tree sampled at phase ends (limit 4096 MB)
-- SFT: {r['sft'].get('steps')} steps on {r['data']['sft_rows']} traces, loss {r['sft'].get('first_loss', 0):.2f} ->
-  {r['sft'].get('final_loss', 0):.3f}, {r['sft'].get('tokens_per_s', 0):.0f} tokens/s
-- GRPO: {r['rl']['steps']} steps in {r['rl']['wall_s']:.0f} s
+- SFT: {r["sft"].get("steps")} steps on {r["data"]["sft_rows"]} traces, loss {r["sft"].get("first_loss", 0):.2f} ->
+  {r["sft"].get("final_loss", 0):.3f}, {r["sft"].get("tokens_per_s", 0):.0f} tokens/s
+- GRPO: {r["rl"]["steps"]} steps in {r["rl"]["wall_s"]:.0f} s
 
-Eval split ({r['data']['eval_prompts']} problems, {r['eval_n_samples']} samples each at temperature 1; greedy beside it):
+Eval split ({r["data"]["eval_prompts"]} problems, {r["eval_n_samples"]} samples each at temperature 1; greedy beside it):
 
 | metric | after SFT | after RL |
 |---|---|---|
 {rows}
 
-Acceptance: total <= 15 min {ok(acc['total_under_15_min'])}, peak RSS <= 4 GB {ok(acc['peak_rss_under_4gb'])},
-SFT tool_call_rate >= 0.9 {ok(acc['sft_tool_call_rate_ge_0.9'])}, RL gain {acc['rl_acc_gain_points']:+.1f} points
-(>= 10 {ok(acc['rl_gain_ge_10_points'])}).
+Acceptance: total <= 15 min {ok(acc["total_under_15_min"])}, peak RSS <= 4 GB {ok(acc["peak_rss_under_4gb"])},
+SFT tool_call_rate >= 0.9 {ok(acc["sft_tool_call_rate_ge_0.9"])}, RL gain {acc["rl_acc_gain_points"]:+.1f} points
+(>= 10 {ok(acc["rl_gain_ge_10_points"])}).
 """
 
 

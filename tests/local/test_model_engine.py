@@ -22,14 +22,25 @@ def test_saved_model_reloads_with_auto_classes(base_dir):
     assert tok.eos_token == IM_END
     # the chat template renders the Tool Format, and the long fixed lines are single tokens
     text = tok.apply_chat_template(
-        [{"role": "user", "content": "What is 2+3?"}], tools=[tool_spec()], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": "What is 2+3?"}],
+        tools=[tool_spec()],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     assert "<tools>\n" + json.dumps(tool_spec()) + "\n</tools>" in text
     assert text.endswith("<|im_start|>assistant\n")
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.convert_tokens_to_ids(json.dumps(tool_spec())) in ids
     assert tok.decode(ids) == text
-    for tag in ("<code>", "</code>", "<interpreter>", "</interpreter>", "<tool_call>", "</tool_call>", "\\boxed{"):
+    for tag in (
+        "<code>",
+        "</code>",
+        "<interpreter>",
+        "</interpreter>",
+        "<tool_call>",
+        "</tool_call>",
+        "\\boxed{",
+    ):
         assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
     # any text round-trips (byte level), including non-ASCII tool output
     odd = "naïve ∑ 中文 \t\x00"
@@ -94,7 +105,9 @@ async def test_stops_on_stop_strings_and_stop_tokens_and_includes_them():
     assert stop not in tok.decode(stopped.token_ids[:-1])
     assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
     tid = free.token_ids[4]
-    by_id = await engine.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=20, stop_token_ids=[tid]))
+    by_id = await engine.generate(
+        prompt, SamplingParams(temperature=0.0, max_new_tokens=20, stop_token_ids=[tid])
+    )
     assert by_id.finish_reason == "stop"
     assert by_id.token_ids[-1] == tid
     assert by_id.token_ids == free.token_ids[: len(by_id.token_ids)]

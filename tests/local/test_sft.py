@@ -84,7 +84,9 @@ def test_sft_loss_falls_and_resumes_from_the_last_checkpoint(tmp_path, cfg, base
 
     # a run killed after step 20 (checkpoint at 20) resumes at 20 and ends where an unbroken run ends
     tok = load_tokenizer(base_dir)
-    examples = [encode_example(tok, m, cfg.sft.max_seq_len, [tool_spec()]) for m in load_sft_parquet(data_dir["sft"])]
+    examples = [
+        encode_example(tok, m, cfg.sft.max_seq_len, [tool_spec()]) for m in load_sft_parquet(data_dir["sft"])
+    ]
     root = tmp_path / "ckpt"
     first = train_sft(cfg, load_model(base_dir), tok, examples, root, stop_after=20)
     assert first["steps"] == 20

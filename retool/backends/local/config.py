@@ -79,7 +79,7 @@ class LocalGRPOConfig(BaseModel):
     steps: int = Field(40, ge=1)
     prompts_per_step: int = Field(16, ge=1)
     n_samples: int = Field(8, ge=2)
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)

@@ -66,17 +66,30 @@ class _BufferLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         need = self.length + key_states.shape[-2]
         if need > self.kbuf.shape[2]:
-            cap = max(need, 2 * self.kbuf.shape[2])
+            cap = need + _GROW  # linear growth: a copy every _GROW tokens, memory stays near the need
             self.kbuf = _grow(self.kbuf, cap)
             self.vbuf = _grow(self.vbuf, cap)
         self.kbuf[:, :, self.length : need] = key_states
         self.vbuf[:, :, self.length : need] = value_states
         self.length = need
         self._views()
-        return self.keys, self.values
+        return self.kbuf[:, :, :need], self.vbuf[:, :, :need]
 
     def get_seq_length(self) -> int:
         return self.length
+
+
+_GROW = 96
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise; RSS would only grow)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
 
 
 def _grow(buf: torch.Tensor, cap: int) -> torch.Tensor:
@@ -235,7 +248,7 @@ class LocalEngine:
         n_kv = cfg.num_key_value_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         dtype = next(self.model.parameters()).dtype
-        cap = longest + 64
+        cap = longest + _GROW
         layers = [
             _BufferLayer(
                 torch.zeros(len(reqs), n_kv, cap, head_dim, dtype=dtype, device=self.device),
@@ -318,7 +331,7 @@ class LocalEngine:
         assert self._mask is not None
         old_len, new_len = self._mask.shape[1], mask.shape[1]
         length = max(old_len, new_len)
-        cap = max(self._layers[0].kbuf.shape[2] + length - old_len, length + 64)
+        cap = length + _GROW
         merged = []
         for old, new in zip(self._layers, layers, strict=True):
             bufs = []
@@ -341,6 +354,7 @@ class LocalEngine:
             return
         if not keep:
             self._running, self._layers, self._mask = [], [], None
+            trim_heap()
             return
         assert self._mask is not None
         idx = torch.tensor(keep, device=self.device)

@@ -98,9 +98,9 @@ def _response_logprobs(
     rlen = max(len(s.response_ids) for s in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     att = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        att[i, : len(s)] = 1
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        att[i, : len(seq)] = 1
     logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
     # gather the logits that predict each response token: position p-1 predicts token p
     index = torch.zeros((len(batch), rlen), dtype=torch.long)

@@ -224,9 +224,9 @@ def build_model(cfg: LocalModelConfig, tokenizer: PreTrainedTokenizerFast, seed:
         max_position_embeddings=cfg.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=cfg.tie_word_embeddings,
-        bos_token_id=tokenizer.convert_tokens_to_ids(IM_START),
-        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
+        bos_token_id=int(tokenizer.convert_tokens_to_ids(IM_START)),  # type: ignore[arg-type]
+        eos_token_id=int(tokenizer.convert_tokens_to_ids(IM_END)),  # type: ignore[arg-type]
+        pad_token_id=int(tokenizer.convert_tokens_to_ids(PAD)),  # type: ignore[arg-type]
         use_cache=True,
     )
     model = Qwen3ForCausalLM(config)
@@ -278,7 +278,7 @@ def load_model(path: str | os.PathLike[str], cfg: LocalConfig | None = None) -> 
     if not (Path(path) / "config.json").exists():
         raise FileNotFoundError(f"no Hugging Face model at {path} (config.json missing)")
     dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model.to(resolve_device(cfg.device))
 
 

@@ -216,7 +216,7 @@ def train_sft(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), sc.grad_clip))
-        lr = sched.get_last_lr()[0]
+        lr = float(sched.get_last_lr()[0])
         opt.step()
         sched.step()
         step += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from retool.backends.local.config import LocalConfig
-from retool.backends.local.engine import LocalEngine
+from retool.backends.local.engine import LocalEngine, trim_heap
 from retool.backends.local.model import build_and_save, load_model, load_tokenizer, tool_spec
 from retool.io import atomic_write_json
 
@@ -145,7 +146,7 @@ async def eval_with_engine(
 def _load_problems(path: PathLike, limit: int | None = None) -> list[Any]:
     from retool.data.problems import load_problems
 
-    problems = load_problems(path)
+    problems = load_problems(Path(path))
     return problems[:limit] if limit else problems
 
 
@@ -198,6 +199,9 @@ def evaluate_checkpoint(
 
     metrics, episodes = asyncio.run(go())
     metrics["eval_s"] = time.perf_counter() - t0
+    model = None  # release the weights before the next phase
+    gc.collect()
+    trim_heap()
     return metrics, episodes
 
 
@@ -262,6 +266,9 @@ def run_grpo(
 
     result = asyncio.run(go())
     publish_model(model, tokenizer, out)
+    model = None  # release the weights before the next phase
+    gc.collect()
+    trim_heap()
     write_curve(result["history"], out)
     summary = {
         "steps": result["steps"],
