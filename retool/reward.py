@@ -265,6 +265,7 @@ class VerifyPool:
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._started = threading.Event()
         for _ in range(workers):
             threading.Thread(target=self._spawn, daemon=True, name="retool-verify-spawn").start()
 
@@ -284,25 +285,36 @@ class VerifyPool:
                 return
             self._all.add(worker)
         self._idle.put(worker)
+        self._started.set()
 
     def _replace(self, worker: _Worker) -> None:
+        """Kill an overrunning worker and start a new one, off the caller's path."""
         with self._lock:
             self._all.discard(worker)
-        worker.kill()
-        threading.Thread(target=self._spawn, daemon=True, name="retool-verify-respawn").start()
+
+        def _work() -> None:
+            worker.kill()
+            self._spawn()
+
+        threading.Thread(target=_work, daemon=True, name="retool-verify-respawn").start()
 
     def judge(
         self, pred: str, label: str, timeout_s: float, boxed: bool = True
     ) -> tuple[bool | None, str | None]:
+        """(correct, error) within ``timeout_s`` from the call, waiting for a free worker included
+        (only the pool's first start-up is not counted); correct is None when the time ran out."""
         if self._closed:
             raise RuntimeError("VerifyPool is closed")
+        if not self._started.wait(_STARTUP_TIMEOUT_S):
+            raise RuntimeError("no math-verify worker became available (workers fail to start?)")
+        deadline = time.monotonic() + timeout_s
         try:
-            worker = self._idle.get(timeout=_STARTUP_TIMEOUT_S)
+            worker = self._idle.get(timeout=timeout_s)
         except queue.Empty:
-            raise RuntimeError("no math-verify worker became available (workers fail to start?)") from None
+            return None, f"no free worker within {timeout_s}s"
         try:
             worker.send(pred, label, boxed)
-            line = worker.readline(timeout_s)
+            line = worker.readline(max(deadline - time.monotonic(), 0.0))
             if line is not None:
                 correct, error = json.loads(line)
                 self._idle.put(worker)

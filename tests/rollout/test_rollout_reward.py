@@ -138,5 +138,29 @@ def test_pathological_input_is_cut_at_the_time_limit(soft_limit: float | None) -
     assert elapsed < cfg.timeout_s + 0.5, elapsed
     if soft_limit is None:
         assert reward.timed_out  # the worker was killed and replaced
-    # the pool still works afterwards
+    # the killed worker is replaced and the pool works afterwards
+    warmup(cfg)
     assert score("\\boxed{0.5}", "\\frac12", config=cfg).correct
+
+
+def test_waiting_for_a_busy_pool_counts_against_the_limit() -> None:
+    cfg = RewardConfig(timeout_s=1.0, math_verify_timeout_s=None, workers=1, cache_size=0)
+    warmup(cfg)
+    box: list[float] = []
+
+    def slow() -> None:
+        score(f"\\boxed{{{PATHOLOGICAL}}}", "5", config=cfg)
+
+    def queued() -> None:
+        start = time.perf_counter()
+        score("\\boxed{\\sqrt{8}}", "2\\sqrt{2}", config=cfg)
+        box.append(time.perf_counter() - start)
+
+    a = threading.Thread(target=slow)
+    a.start()
+    time.sleep(0.2)
+    b = threading.Thread(target=queued)
+    b.start()
+    a.join(timeout=30)
+    b.join(timeout=30)
+    assert box and box[0] < cfg.timeout_s + 0.5
