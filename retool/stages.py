@@ -46,6 +46,22 @@ def _write_problems_jsonl(problems: list[Any], path: Path) -> int:
     return len(lines)
 
 
+def _link_tree(src: Path, dst: Path) -> None:
+    """Mirror ``src`` into ``dst`` with hard links (copies across filesystems); skips hidden entries."""
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            target.unlink()
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+
+
 def _data_files(directory: Path) -> list[Path]:
     return sorted(
         p
@@ -128,10 +144,15 @@ def stage_download(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
             raise ValueError(f"data.sources: the real profile needs enabled dataset sources {missing}")
         if "base_model" not in sources:
             raise ValueError("data.sources.base_model: the real profile needs a base model source")
-        dl = download(cfg.data.model_copy(update={"sources": datasets}), layout.raw / "sources")
+        # Downloads land in a persistent cache outside DVC's outputs (DVC clears outputs before a rerun),
+        # so a failed or repeated stage resumes or skips instead of fetching gigabytes again.
+        cache = layout.root / ".retool" / "downloads"
+        dl = download(cfg.data.model_copy(update={"sources": datasets}), cache / "datasets")
         models = download(
-            cfg.data.model_copy(update={"sources": {"base": sources["base_model"]}}), layout.base_model.parent
+            cfg.data.model_copy(update={"sources": {"base": sources["base_model"]}}), cache / "models"
         )
+        _link_tree(cache / "datasets", layout.raw / "sources")
+        _link_tree(cache / "models" / "base", layout.base_model)
         src = layout.raw / "sources"
         (layout.raw / "sft").mkdir(parents=True, exist_ok=True)
         for path in _data_files(src / "sft"):
@@ -139,14 +160,14 @@ def stage_download(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
             if not target.exists():
                 os.link(path, target)
         for name, target in (("rl", layout.train_jsonl), ("eval", layout.eval_jsonl)):
-            files = [p for p in _data_files(src / name) if p.suffix == ".jsonl"]
-            if not files:
+            # jsonl or parquet, our layout or the original DAPO one; errors name the file and line
+            problems = load_problems(src / name)
+            if not problems:
                 raise FileNotFoundError(
-                    f"data.sources.{name} ({sources[name].repo_id}): no .jsonl file was downloaded into {src / name}"
+                    f"data.sources.{name} ({sources[name].repo_id}): no prompts found in {src / name}"
                 )
-            problems = [p for f in files for p in load_problems(f)]
             _write_problems_jsonl(problems, target)
-        out = {"source": "remote", "datasets": str(dl), "models": str(models)}
+        out = {"source": "remote", "datasets": dl.to_dict(), "models": models.to_dict()}
     counts = {
         "data/train_prompts": sum(1 for _ in layout.train_jsonl.open()),
         "data/eval_prompts": sum(1 for _ in layout.eval_jsonl.open()),

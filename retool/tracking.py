@@ -134,9 +134,10 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, run_id: s
         from mlflow.tracking import MlflowClient
 
         ts = int(time.time() * 1000)
-        MlflowClient().log_batch(
-            target, metrics=[Metric(k, v, ts, step or 0) for k, v in clean.items()], synchronous=True
-        )
+        items = [Metric(k, v, ts, step or 0) for k, v in clean.items()]
+        client = MlflowClient()
+        for i in range(0, len(items), 500):  # MLflow takes at most 1000 metrics per batch
+            client.log_batch(target, metrics=items[i : i + 500], synchronous=True)
     except Exception as err:  # noqa: BLE001 - tracking must never stop training
         _warn_offline(err)
         _buffer({"kind": "metrics", "run": target, "metrics": clean, "step": step, "ts": time.time()})

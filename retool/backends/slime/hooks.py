@@ -242,3 +242,9 @@ async def reward_func(args: Any, sample: Any, **kwargs: Any) -> Any:
     if isinstance(sample, list):
         return list(await asyncio.gather(*(_reward_one(args, s) for s in sample)))
     return await _reward_one(args, sample)
+
+
+# slime's custom log hooks live with the MLflow bridge; the RL command's hook paths point here.
+from retool.backends.slime.mlflow_bridge import log_eval_rollout_data, log_rollout_data  # noqa: E402
+
+__all__ = ["generate", "reward_func", "hooks_env", "log_rollout_data", "log_eval_rollout_data"]

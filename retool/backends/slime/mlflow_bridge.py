@@ -12,12 +12,11 @@ training job down: every failure is logged as a warning and swallowed.
 from __future__ import annotations
 
 import logging
-import math
-import re
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from retool.tracking import log_metrics
 
 log = logging.getLogger(__name__)
 
@@ -197,39 +196,9 @@ def summarize_samples(
 # MLflow
 
 
-_INVALID_KEY = re.compile(r"[^A-Za-z0-9_\-. :/]")
-
-
-def mlflow_key(name: str) -> str:
-    """MLflow refuses '@' (and most punctuation) in metric names: ``pass@4`` is logged as ``pass_at_4``."""
-    return _INVALID_KEY.sub("_", name.replace("@", "_at_"))
-
-
 def log_to_run(run_id: str | None, metrics: Mapping[str, float], step: int) -> None:
-    """Log to an explicit run (the mirror thread has no active run); never raises."""
-    clean = {
-        mlflow_key(k): float(v)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
-    }
-    if not clean:
-        return
-    try:
-        if run_id is None:
-            from retool.tracking import log_metrics
-
-            log_metrics(clean, step=step)
-            return
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        ts = int(time.time() * 1000)
-        items = [Metric(k, v, ts, step) for k, v in clean.items()]
-        client = MlflowClient()
-        for i in range(0, len(items), 500):
-            client.log_batch(run_id, metrics=items[i : i + 500], synchronous=True)
-    except Exception as err:  # noqa: BLE001 - tracking must never stop training
-        log.warning("MLflow logging failed (%s); %d metrics at step %d dropped", err, len(clean), step)
+    """Log to an explicit run (the mirror thread has no active run) or the active one; never raises."""
+    log_metrics(metrics, step=step, run_id=run_id)
 
 
 def _run_id() -> str | None:
