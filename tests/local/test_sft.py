@@ -16,7 +16,8 @@ from retool.prompts import format_interpreter
 
 
 def _trained_text(tok, ex) -> str:
-    return "".join(tok.decode([t]) if m else "\x00" for t, m in zip(ex.input_ids, ex.loss_mask, strict=True))
+    pieces = [tok.decode([t]) for t in ex.input_ids]
+    return "".join(p if m else "\x00" * len(p) for p, m in zip(pieces, ex.loss_mask, strict=True))
 
 
 def test_masks_exclude_observations_prompts_and_tool_turns(base_dir):

@@ -136,7 +136,7 @@ def smoke_config(**overrides: object) -> LocalConfig:
             num_attention_heads=2,
             num_key_value_heads=1,
         ),
-        sft=LocalSFTConfig(max_steps=30, batch_size=8, warmup_steps=3, checkpoint_every=10, log_every=5),
+        sft=LocalSFTConfig(max_steps=60, batch_size=8, warmup_steps=3, checkpoint_every=10, log_every=5),
         grpo=LocalGRPOConfig(
             steps=2, prompts_per_step=2, n_samples=2, micro_batch_size=4, checkpoint_every=1
         ),

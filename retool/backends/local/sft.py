@@ -221,7 +221,7 @@ def train_sft(
         sched.step()
         step += 1
         tokens += int(att.sum())
-        rec = {"step": step, "loss": float(loss), "lr": lr, "grad_norm": grad_norm}
+        rec = {"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm}
         history.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.3f}")
