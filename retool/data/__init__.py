@@ -1,42 +1,31 @@
-"""Data: downloads (Hub, S3), ReTool-SFT conversion, RL/eval problem loaders, the tiny synthetic task.
+"""Data: downloads (Hub, S3), ReTool-SFT conversion, RL/eval problem loaders, the tiny synthetic task."""
 
-Names are imported on first use, so reading the config (``retool.data.config``) does not pull in boto3,
-huggingface_hub or pyarrow.
-"""
+from retool.data.config import ConversionConfig, DataConfig, SourceConfig, SyntheticConfig
+from retool.data.download import DownloadReport, SourceReport, download, download_source
+from retool.data.manifest import MANIFEST_NAME, ChecksumMismatchError, DownloadError
+from retool.data.problems import Problem, ProblemSchemaError, load_problems
+from retool.data.sft import ConversionReport, RowError, convert_sft, read_converted
+from retool.data.synthetic import SyntheticReport, write_synthetic_task
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "ConversionConfig": "config",
-    "DataConfig": "config",
-    "SourceConfig": "config",
-    "SyntheticConfig": "config",
-    "DownloadReport": "download",
-    "SourceReport": "download",
-    "download": "download",
-    "download_source": "download",
-    "MANIFEST_NAME": "manifest",
-    "ChecksumMismatchError": "manifest",
-    "DownloadError": "manifest",
-    "Problem": "problems",
-    "ProblemSchemaError": "problems",
-    "load_problems": "problems",
-    "ConversionReport": "sft",
-    "RowError": "sft",
-    "convert_sft": "sft",
-    "read_converted": "sft",
-    "SyntheticReport": "synthetic",
-    "write_synthetic_task": "synthetic",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'retool.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"retool.data.{module}"), name)
+__all__ = [
+    "MANIFEST_NAME",
+    "ChecksumMismatchError",
+    "ConversionConfig",
+    "ConversionReport",
+    "DataConfig",
+    "DownloadError",
+    "DownloadReport",
+    "Problem",
+    "ProblemSchemaError",
+    "RowError",
+    "SourceConfig",
+    "SourceReport",
+    "SyntheticConfig",
+    "SyntheticReport",
+    "convert_sft",
+    "download",
+    "download_source",
+    "load_problems",
+    "read_converted",
+    "write_synthetic_task",
+]
