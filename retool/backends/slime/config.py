@@ -101,7 +101,9 @@ class SftArgs(_Args):
 class RolloutArgs(_Args):
     input_key: str = "prompt"
     label_key: str = "label"
-    apply_chat_template: bool = True
+    # Off: our generate hook renders the Tool Format once through the tokenizer's chat template. With it on,
+    # slime templates the prompt first (without the tools unless the data carries them).
+    apply_chat_template: bool = False
     rollout_shuffle: bool = True
     reward_key: str | None = "score"
     num_rollout: int = 3000
