@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from retool.backends.local.config import LocalConfig, LocalEvalConfig
 from retool.backends.slime.config import SlimeConfig
-from retool.data.config import DataConfig
+from retool.data.config import DataConfig, SyntheticConfig
 from retool.reward import RewardConfig
 from retool.rollout import RolloutConfig
 from retool.sandbox import SandboxConfig
-
 
 Checkpoint = Literal["base", "sft", "rl"]
 CHECKPOINTS: tuple[Checkpoint, ...] = ("base", "sft", "rl")
@@ -54,10 +53,22 @@ class EvaluationConfig(_Strict):
     )
 
 
-class LocalProfile(LocalConfig):
-    """The tiny CPU profile: the local backend's knobs plus its rollout budget and evaluation."""
+def _tiny_rollout() -> RolloutConfig:
+    # A tool call and an answer fit in ~80 tokens per turn; the system prompt is the one the synthetic
+    # SFT traces carry, so RL and evaluation prompt the model exactly as it was fine-tuned.
+    return RolloutConfig(
+        max_turns=4,
+        max_tool_calls=3,
+        max_new_tokens=128,
+        max_context_tokens=640,
+        system_prompt=SyntheticConfig().system_prompt,
+    )
 
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+
+class LocalProfile(LocalConfig):
+    """The tiny CPU profile: the local backend's knobs plus its rollout budget."""
+
+    rollout: RolloutConfig = Field(default_factory=_tiny_rollout)
 
 
 class SlimeProfile(SlimeConfig):
@@ -88,6 +99,16 @@ class PipelineConfig(_Strict):
     slime: SlimeProfile = Field(default_factory=SlimeProfile)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _prompts_match(self) -> PipelineConfig:
+        synthetic = self.profile == "tiny" and self.data.dataset == "synthetic"
+        if synthetic and self.local.rollout.system_prompt != self.data.synthetic.system_prompt:
+            raise ValueError(
+                "local.rollout.system_prompt must equal data.synthetic.system_prompt: the tiny model is "
+                "fine-tuned on traces with that system prompt, and RL/eval must prompt it the same way"
+            )
+        return self
 
     @property
     def backend(self) -> Literal["local", "slime"]:
