@@ -52,8 +52,20 @@ def _problems(path: Path) -> list[Problem]:
     return [Problem(r["prompt"], str(r["label"]), r.get("id")) for r in rows]
 
 
+def _without_data_package_imports() -> None:
+    """The GPU machine lacks boto3/pyarrow, which retool.data's __init__ imports; the config submodule
+    needs neither, so register the package without running its __init__."""
+    import types
+
+    pkg = types.ModuleType("retool.data")
+    pkg.__path__ = [str(ROOT / "retool" / "data")]
+    sys.modules.setdefault("retool.data", pkg)
+
+
 def run(data: Path, out: Path, sft_epochs: float, grpo_steps: int, eval_problems: int) -> dict[str, Any]:
     import torch
+
+    _without_data_package_imports()
 
     from retool.backends.local.engine import LocalEngine
     from retool.backends.local.grpo import train_grpo_async
