@@ -308,7 +308,6 @@ def stage_eval(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
     dataset = cfg.evaluation.dataset_name
     table: dict[str, dict[str, float]] = {}
     samples: list[dict[str, Any]] = []
-    parent = os.environ.get(tracking.PARENT_ENV) or tracking._active_run_id_safe()
     for ckpt, (metrics, episodes) in results.items():
         label = str(ckpt)
         table[label] = {k: float(v) for k, v in metrics.items()}
@@ -318,7 +317,6 @@ def stage_eval(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
         with tracking.stage_run(
             f"eval:{label}",
             experiment=cfg.tracking.experiment,
-            parent_run_id=parent,
             tags={"retool.stage": "eval", "retool.checkpoint": label},
         ):
             tracking.log_metrics({f"eval/{dataset}/{k}": v for k, v in table[label].items()})

@@ -234,13 +234,15 @@ def stage_run(
     tags: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
 ) -> Iterator[str]:
-    """Open an MLflow run for one stage (a child of the pipeline run when there is one).
+    """Open an MLflow run for one stage (a child of the pipeline run when there is one), or for a part of
+    a stage (a child of the stage's run, e.g. one evaluated checkpoint).
 
     Yields the run id (a local id when offline). The run ends FAILED when the body raises.
     """
     import mlflow
 
-    parent = parent_run_id or os.environ.get(PARENT_ENV) or None
+    # Nested under the run open in this process (a stage), else under the pipeline run of the flow.
+    parent = parent_run_id or _active_run_id_safe() or os.environ.get(PARENT_ENV) or None
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     if not server_reachable():

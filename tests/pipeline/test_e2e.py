@@ -72,8 +72,15 @@ def test_prefect_flow_skips_unchanged_stages_and_reruns_what_a_param_touches(pro
     with prefect_test_harness():
         result = retool_pipeline(project_dir=str(project_copy), overrides={"local.eval.n_samples": 1})
     ran = {o["stage"]: o["ran"] for o in result["stages"]}
-    assert ran == {"download": False, "convert": False, "sft_data": False, "sft": False, "rl": False,
-                   "eval": True, "export": True}
+    assert ran == {
+        "download": False,
+        "convert": False,
+        "sft_data": False,
+        "sft": False,
+        "rl": False,
+        "eval": True,
+        "export": True,
+    }
     assert yaml.safe_load((project_copy / "params.yaml").read_text())["local"]["eval"]["n_samples"] == 1
     assert {row["checkpoint"] for row in result["eval"]} == {"base", "sft", "rl"}
 
@@ -84,7 +91,15 @@ def test_prefect_flow_skips_unchanged_stages_and_reruns_what_a_param_touches(pro
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert {"eval", "export", "eval:base", "eval:sft", "eval:rl"} <= {c.info.run_name for c in children}
+    by_name = {c.info.run_name: c for c in children}
+    assert {"eval", "export"} <= set(by_name)
+    checkpoints = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{by_name['eval'].info.run_id}'",
+    )
+    assert {c.info.run_name for c in checkpoints} == {"eval:base", "eval:sft", "eval:rl"}
+    assert all("eval/eval/acc" in c.data.metrics for c in checkpoints)
+    assert not (project_copy / ".retool" / "mlflow-buffer.jsonl").exists()  # nothing fell back offline
 
 
 def test_flow_rejects_a_bad_override_before_writing_anything(project_copy):
