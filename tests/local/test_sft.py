@@ -9,7 +9,7 @@ import torch
 
 from retool.backends.local.checkpoint import latest_checkpoint, load_trainer_state
 from retool.backends.local.model import load_model, load_tokenizer, tool_spec
-from retool.backends.local.sft import encode_example, load_sft_parquet, train_sft
+from retool.backends.local.sft import _batches, encode_example, load_sft_parquet, train_sft
 from retool.backends.local.stages import run_sft
 from retool.data.sft import convert_row
 from retool.prompts import format_interpreter
@@ -101,3 +101,19 @@ def test_sft_loss_falls_and_resumes_from_the_last_checkpoint(tmp_path, cfg, base
     assert second["history"][-1]["loss"] == pytest.approx(result["final_loss"], rel=1e-3)
     for a, b in zip(resumed_model.parameters(), model.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_batches_mix_problem_kinds_and_cover_every_example_once():
+    """Regression: length-sorted batches held one problem kind each (the kinds differ in length), and
+    the tiny model then never learned to copy operands. Batches must be uniform shuffles."""
+    n, bs = 3000, 32
+    kind = [i % 3 for i in range(n)]  # three kinds, interleaved like the synthetic task's
+    for epoch in (0, 1):
+        batches = _batches(n, bs, seed=0, epoch=epoch)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(n))
+        assert all(len(b) == bs for b in batches[:-1])
+        mixed = sum(len({kind[i] for i in b}) == 3 for b in batches)
+        assert mixed / len(batches) > 0.95
+    assert _batches(n, bs, 0, 0) != _batches(n, bs, 0, 1)  # a new order each epoch
+    assert _batches(n, bs, 0, 0) == _batches(n, bs, 0, 0)  # deterministic for a resume

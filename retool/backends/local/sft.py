@@ -14,7 +14,6 @@ import os
 import random
 import re
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,17 +120,14 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _batches(n: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int]) -> list[list[int]]:
-    """Shuffled batches of similar length (sorted inside chunks of 50 batches) to waste little padding."""
+def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Uniformly shuffled batches. Not length-sorted: in a task whose problem kinds differ in length,
+    length-sorted batches hold one kind each, and the alternating single-kind gradients kept the tiny
+    model from ever learning to copy the question's numbers (teacher-forced digit accuracy 0.21 after
+    625 steps, 0.95 with shuffled batches). Padding costs little at these lengths."""
     order = list(range(n))
     random.Random(seed * 1000003 + epoch).shuffle(order)
-    chunk = batch_size * 50
-    batches = []
-    for c in range(0, n, chunk):
-        part = sorted(order[c : c + chunk], key=lambda i: lengths[i])
-        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-    random.Random(seed * 7919 + epoch).shuffle(batches)
-    return batches
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 def _collate(examples: list[SFTExample], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -197,7 +193,6 @@ def train_sft(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), list(state.get("history", []))
-    lengths = [len(e.input_ids) for e in examples]
     pad_id = int(tokenizer.pad_token_id)
     model.train()
     bar = tqdm(total=total, initial=step, desc="sft", disable=not cfg.progress, dynamic_ncols=True)
@@ -205,7 +200,7 @@ def train_sft(
     resumed_from = step
     while step < total:
         epoch, within = divmod(step, steps_per_epoch)
-        batch_ids = _batches(len(examples), sc.batch_size, cfg.seed, epoch, lengths)[within]
+        batch_ids = _batches(len(examples), sc.batch_size, cfg.seed, epoch)[within]
         ids, att, lab = _collate([examples[i] for i in batch_ids], pad_id, device)
         out = model(input_ids=ids, attention_mask=att)
         logits = out.logits[:, :-1].float()
