@@ -219,7 +219,7 @@ def train_sft(
         rec = {"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm}
         history.append(rec)
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
         if step % sc.log_every == 0 or step == total:
             tps = tokens / max(1e-9, time.perf_counter() - t0)
             _log(
