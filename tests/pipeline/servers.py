@@ -52,51 +52,45 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(workdir: Path) -> Iterator[str]:
-    port = free_port()
-    log = open(workdir / "mlflow-server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{workdir / 'server.db'}",
-            "--default-artifact-root",
-            str(workdir / "artifacts"),
-        ],
-        cwd=workdir,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+def _server(
+    cmd: list[str], workdir: Path, log_name: str, health_url: str, timeout_s: float
+) -> Iterator[None]:
+    """Run a server in its own session until the block ends; its output goes to workdir/log_name."""
+    log = open(workdir / log_name, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
-        yield f"http://127.0.0.1:{port}"
+        wait_http(health_url, timeout_s, proc)
+        yield
     finally:
         stop_group(proc)
         log.close()
 
 
 @contextlib.contextmanager
+def mlflow_server(workdir: Path) -> Iterator[str]:
+    url = f"http://127.0.0.1:{free_port()}"
+    port = url.rsplit(":", 1)[1]
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'server.db'}",
+        "--default-artifact-root",
+        str(workdir / "artifacts"),
+    ]
+    with _server(cmd, workdir, "mlflow-server.log", f"{url}/health", 120):
+        yield url
+
+
+@contextlib.contextmanager
 def moto_server(workdir: Path) -> Iterator[str]:
-    port = free_port()
-    log = open(workdir / "moto.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        cwd=workdir,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/", 60, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_group(proc)
-        log.close()
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]]
+    with _server(cmd, workdir, "moto.log", f"{url}/", 60):
+        yield url
