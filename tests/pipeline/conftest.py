@@ -76,7 +76,11 @@ def make_project(dest: Path, overrides: dict | None = None) -> Path:
 
 def dvc(project: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "dvc"), *args], cwd=project, env=project_env(project), capture_output=True, text=True,
+        [str(BIN / "dvc"), *args],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 

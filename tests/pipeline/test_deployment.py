@@ -26,13 +26,19 @@ def test_deployment_run_through_a_real_server_and_process_worker(reproduced_proj
     prefect = str(BIN / "prefect")
 
     def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([prefect, *args], cwd=project, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [prefect, *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout
+        )
 
     server_log = (tmp_path / "server.log").open("wb")
-    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=tmp_path, env=env, stdout=server_log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     worker = None
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 180, server)
@@ -41,8 +47,14 @@ def test_deployment_run_through_a_real_server_and_process_worker(reproduced_proj
         deployed = cli("--no-prompt", "deploy", "--all")
         assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
         worker_log = (tmp_path / "worker.log").open("wb")
-        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "retool-local"], cwd=project, env=env,
-                                  stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [prefect, "worker", "start", "--pool", "retool-local"],
+            cwd=project,
+            env=env,
+            stdout=worker_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         params = json.dumps({"overrides": {"local.eval.n_samples": 1}})
         run = cli("deployment", "run", "retool-pipeline/tiny", "--params", params, "--watch", timeout=900)
         logs = (tmp_path / "worker.log").read_text(errors="replace")

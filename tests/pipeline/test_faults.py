@@ -12,12 +12,18 @@ from .conftest import BIN, dvc, make_project, project_env
 
 
 def test_killed_sft_stage_promotes_nothing_and_the_rerun_resumes(tmp_path):
-    project = make_project(tmp_path / "project", {"local.sft.max_steps": 400, "local.sft.checkpoint_every": 3})
+    project = make_project(
+        tmp_path / "project", {"local.sft.max_steps": 400, "local.sft.checkpoint_every": 3}
+    )
     assert dvc(project, "repro", "sft_data").returncode == 0
     ckpts = project / "checkpoints" / "sft"
     proc = subprocess.Popen(
-        [str(BIN / "dvc"), "repro", "--single-item", "sft"], cwd=project, env=project_env(project),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [str(BIN / "dvc"), "repro", "--single-item", "sft"],
+        cwd=project,
+        env=project_env(project),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 240

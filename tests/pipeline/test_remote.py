@@ -12,8 +12,11 @@ from .servers import moto_server
 
 
 def _digest(path):
-    return {p.relative_to(path).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(path).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_push_then_pull_restores_outputs_from_s3(reproduced_project, tmp_path, monkeypatch):
