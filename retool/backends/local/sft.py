@@ -224,7 +224,7 @@ def train_sft(
             tps = tokens / max(1e-9, time.perf_counter() - t0)
             _log(
                 {
-                    "train/loss": float(loss),
+                    "train/loss": rec["loss"],
                     "train/lr": lr,
                     "train/tokens_per_s": tps,
                     "train/grad_norm": grad_norm,
