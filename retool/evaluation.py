@@ -68,3 +68,44 @@ async def evaluate(
     )
     metrics = summarize(episodes, k=k if k is not None else (n_samples if n_samples > 1 else None))
     return EvalResult(metrics, episodes)
+
+
+GREEDY_KEYS = ("acc", "tool_call_rate", "answer_rate", "code_error_rate", "reward_mean")
+
+
+async def evaluate_sampled_and_greedy(
+    engine: Engine,
+    problems: Sequence[Any],
+    *,
+    rollout: RolloutConfig,
+    reward: RewardConfig,
+    tools: Any,
+    n_samples: int,
+    temperature: float = 1.0,
+    greedy: bool = True,
+) -> tuple[dict[str, float], list[Episode]]:
+    """Sampled metrics at ``temperature`` (acc, pass@k, tool-call rate, behaviour) with ``greedy_*`` beside.
+
+    Sampled accuracy is the headline: greedy decoding hides what RL changes (FIELD-NOTES), but a reader
+    wants both. Both backends evaluate through this one function.
+    """
+    sampled = await evaluate(
+        engine,
+        problems,
+        rollout=rollout.model_copy(update={"temperature": temperature}),
+        reward=reward,
+        n_samples=n_samples,
+        tools=tools,
+    )
+    metrics = {k: float(v) for k, v in sampled.metrics.items()}
+    if greedy:
+        g = await evaluate(
+            engine,
+            problems,
+            rollout=rollout.model_copy(update={"temperature": 0.0}),
+            reward=reward,
+            n_samples=1,
+            tools=tools,
+        )
+        metrics.update({f"greedy_{k}": float(g.metrics[k]) for k in GREEDY_KEYS if k in g.metrics})
+    return metrics, list(sampled.episodes)

@@ -51,20 +51,6 @@ TAG_TOKENS = [
     "\\boxed{",
 ]
 
-# The Tool Format's code_interpreter spec (DESIGN.md); retool.tools.CODE_INTERPRETER_SPEC wins when present.
-_FALLBACK_SPEC: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "code_interpreter",
-        "description": "A tool for executing code.",
-        "parameters": {
-            "type": "object",
-            "properties": {"code": {"type": "string", "description": "The code to execute."}},
-            "required": ["code"],
-        },
-    },
-}
-
 TOOLS_HEADER = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
@@ -115,13 +101,10 @@ CHAT_TEMPLATE = (
 
 
 def tool_spec() -> dict[str, Any]:
-    """The code_interpreter spec from retool.tools when it exists (one source of truth), else DESIGN.md's."""
-    try:
-        from retool.tools import CODE_INTERPRETER_SPEC
+    """The code_interpreter spec (retool.tools is its one source of truth)."""
+    from retool.tools import CODE_INTERPRETER_SPEC
 
-        return dict(CODE_INTERPRETER_SPEC)
-    except Exception:
-        return _FALLBACK_SPEC
+    return dict(CODE_INTERPRETER_SPEC)
 
 
 def fixed_prompt_tokens() -> list[str]:

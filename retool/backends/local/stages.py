@@ -111,36 +111,22 @@ async def eval_with_engine(
     temperature: float = 1.0,
     greedy: bool = True,
 ) -> tuple[dict[str, float], list[Any]]:
-    """Sampled metrics (acc, pass@k, tool_call_rate, behaviour) at ``temperature``; ``greedy_*`` beside."""
-    from retool.evaluation import evaluate
+    """retool.evaluation's sampled + greedy evaluation, with as many episodes in flight as the engine batches."""
+    from retool.evaluation import evaluate_sampled_and_greedy
 
-    # the engine batches every episode in flight: let as many run as it can batch
     rollout_cfg = rollout_cfg.model_copy(
         update={"concurrency": max(rollout_cfg.concurrency, engine.max_batch_size)}
     )
-    sampled = await evaluate(
+    return await evaluate_sampled_and_greedy(
         engine,
         problems,
-        rollout=rollout_cfg.model_copy(update={"temperature": temperature}),
+        rollout=rollout_cfg,
         reward=reward_cfg,
-        n_samples=n_samples,
         tools=tools,
+        n_samples=n_samples,
+        temperature=temperature,
+        greedy=greedy,
     )
-    metrics = {k: float(v) for k, v in sampled.metrics.items()}
-    episodes = list(sampled.episodes)
-    if greedy:
-        g = await evaluate(
-            engine,
-            problems,
-            rollout=rollout_cfg.model_copy(update={"temperature": 0.0}),
-            reward=reward_cfg,
-            n_samples=1,
-            tools=tools,
-        )
-        for key in ("acc", "tool_call_rate", "answer_rate", "code_error_rate", "reward_mean"):
-            if key in g.metrics:
-                metrics[f"greedy_{key}"] = float(g.metrics[key])
-    return metrics, episodes
 
 
 def _load_problems(path: PathLike, limit: int | None = None) -> list[Any]:

@@ -172,7 +172,7 @@ def run_eval(server_url: str, model: str, problems_path: str, settings: dict[str
 
     from retool.data.problems import load_problems
     from retool.engines.sglang import SGLangEngine
-    from retool.evaluation import evaluate
+    from retool.evaluation import evaluate_sampled_and_greedy
     from retool.reward import RewardConfig
     from retool.rollout import RolloutConfig
     from retool.sandbox import Sandbox, SandboxConfig
@@ -189,33 +189,17 @@ def run_eval(server_url: str, model: str, problems_path: str, settings: dict[str
     async def go() -> dict[str, Any]:
         engine = SGLangEngine(server_url, tokenizer)
         with Sandbox(SandboxConfig.model_validate(settings["sandbox"])) as sandbox:
-            tools = ToolRegistry(sandbox)
-            sampled = await evaluate(
+            metrics, episodes = await evaluate_sampled_and_greedy(
                 engine,
                 problems,
-                rollout=rollout.model_copy(update={"temperature": ev["temperature"]}),
+                rollout=rollout,
                 reward=reward,
+                tools=ToolRegistry(sandbox),
                 n_samples=ev["n_samples"],
-                tools=tools,
+                temperature=ev["temperature"],
+                greedy=bool(ev.get("greedy")),
             )
-            metrics = {k: float(v) for k, v in sampled.metrics.items()}
-            if ev.get("greedy"):
-                greedy = await evaluate(
-                    engine,
-                    problems,
-                    rollout=rollout.model_copy(update={"temperature": 0.0}),
-                    reward=reward,
-                    n_samples=1,
-                    tools=tools,
-                )
-                metrics.update(
-                    {
-                        f"greedy_{k}": float(v)
-                        for k, v in greedy.metrics.items()
-                        if k in ("acc", "tool_call_rate", "answer_rate", "reward_mean")
-                    }
-                )
-            rows = [episode_row(ep) for ep in sampled.episodes[: ev.get("samples_logged", 64)]]
+            rows = [episode_row(ep) for ep in episodes[: ev.get("samples_logged", 64)]]
             return {"metrics": metrics, "samples": rows}
 
     return asyncio.run(go())
