@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,8 @@ def test_killed_sft_stage_promotes_nothing_and_the_rerun_resumes(tmp_path):
     project = make_project(
         tmp_path / "project", {"local.sft.max_steps": 400, "local.sft.checkpoint_every": 3}
     )
-    assert dvc(project, "repro", "sft_data").returncode == 0
+    prep = dvc(project, "repro", "sft_data", "convert")  # every input of the sft stage
+    assert prep.returncode == 0, prep.stderr
     ckpts = project / "checkpoints" / "sft"
     proc = subprocess.Popen(
         [str(BIN / "dvc"), "repro", "--single-item", "sft"],
@@ -32,7 +34,8 @@ def test_killed_sft_stage_promotes_nothing_and_the_rerun_resumes(tmp_path):
             time.sleep(0.2)
         assert any(ckpts.glob("step-*")), "no checkpoint appeared"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     # Nothing half-written was promoted: the model folder is absent (or has no complete model).
     assert not (project / "models" / "sft" / "config.json").exists()
