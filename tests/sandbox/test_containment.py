@@ -321,22 +321,24 @@ print(math.pi > 3.14, "secret_global" in globals(), hasattr(builtins, "LEAKED"),
 def test_no_ipc_objects_survive_a_call(sandbox, tier):
     if tier == "process":
         pytest.skip("the process tier shares the host's IPC namespace: use a namespaced tier")
-    make = """
-import ctypes
-libc = ctypes.CDLL(None, use_errno=True)
-print(libc.shmget(0x5EC2E7, 4096, 0o1600) >= 0, libc.msgget(0x5EC2E8, 0o1600) >= 0)
-"""
+    makers = {  # one kind per call, so each kind's own check must find it
+        "shm": "libc.shmget(0x5EC2E7, 4096, 0o1600)",
+        "msg": "libc.msgget(0x5EC2E8, 0o1600)",
+        "sem": "libc.semget(0x5EC2E9, 1, 0o1600)",
+    }
     probe = """
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
-print(libc.shmget(0x5EC2E7, 0, 0) >= 0, libc.msgget(0x5EC2E8, 0) >= 0, len(open("/proc/sysvipc/shm").read().splitlines()))
+print(libc.shmget(0x5EC2E7, 0, 0) >= 0, libc.msgget(0x5EC2E8, 0) >= 0, libc.semget(0x5EC2E9, 0, 0) >= 0,
+      *(len(open(f"/proc/sysvipc/{k}").read().splitlines()) for k in ("shm", "msg", "sem")))
 """
-    for _ in range(sandbox.workers):
-        r = sandbox.run(make)
-        assert r.stdout.strip() == "True True", r.observation()
-    for _ in range(2 * sandbox.workers):
-        p = sandbox.run(probe)
-        assert p.stdout.strip() == "False False 1", p.observation()
+    for kind, make in makers.items():
+        for _ in range(sandbox.workers):
+            r = sandbox.run(f"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nprint({make} >= 0)")
+            assert r.stdout.strip() == "True", (kind, r.observation())
+        for _ in range(2 * sandbox.workers):
+            p = sandbox.run(probe)
+            assert p.stdout.strip() == "False False False 1 1 1", (kind, p.observation())
 
 
 def test_legitimate_math_code_works(sandbox):
