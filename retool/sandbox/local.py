@@ -64,6 +64,7 @@ class _Worker:
             self.kill()
             raise SandboxError(f"sandbox worker {self.index}{self.kind} ({self.tier}) failed to start: {why}")
         self.pid_inside = msg.get("pid")
+        self.huge_mb = int(msg.get("huge_mb") or 0)
 
     def _read_exact(self, n: int, deadline: float) -> bytes | None:
         chunks, got = [], 0
@@ -211,7 +212,11 @@ class Sandbox:
             raise
         self._finalizer = weakref.finalize(self, Sandbox._cleanup, self._workers, self._scratch)
         log.info(
-            "sandbox ready: %d workers, isolation=%s, fast path=%s", cfg.workers, self.isolation, self._fast
+            "sandbox ready: %d workers, isolation=%s, fast path=%s, %d MB of worker images in huge pages",
+            cfg.workers,
+            self.isolation,
+            self._fast,
+            sum(w.huge_mb for w in self._workers),
         )
 
     def _spawn(self, index: int, kind: str) -> _Worker:

@@ -163,3 +163,32 @@ def test_observation_rendering():
     tr = ExecResult("error", "x" * 10, "", True, None, 0.1, output_limit=10)
     assert tr.observation().endswith("[output truncated to 10 bytes; execution was stopped]")
     assert "failed with exit code 3" in ExecResult("error", "", "", False, 3, 0.0).observation()
+
+
+def _thp_possible() -> bool:
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in mode and tuple(map(int, os.uname().release.split(".")[:2])) >= (6, 1)
+
+
+def _anon_huge_kb(pid: int) -> int:
+    try:
+        rows = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return 0
+    return sum(int(r.split()[1]) for r in rows if r.startswith("AnonHugePages:"))
+
+
+def test_warm_image_sits_in_huge_pages_and_stays_correct_across_recollapses():
+    if not _thp_possible():
+        pytest.skip("transparent huge pages are off here, or the kernel predates MADV_COLLAPSE (6.1)")
+    code = "import numpy as np\nprint(int(np.arange({n}).sum()))"
+    with Sandbox(small_config("auto", workers=1)) as sb:
+        heavy = sb._slots[0].heavy
+        assert heavy.huge_mb > 0, "the numpy+sympy image was not collapsed into huge pages"
+        for n in range(300):  # more calls than the worker's re-collapse period (256)
+            r = sb.run(code.format(n=n))
+            assert r.status == "ok" and r.stdout.strip() == str(n * (n - 1) // 2), r.observation()
+        assert max(_anon_huge_kb(p) for p in descendants(heavy.proc.pid)) > 0
