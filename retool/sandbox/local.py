@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
-import queue
 import re
 import select
 import shutil
@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -54,6 +55,8 @@ class _Worker:
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        # non-blocking requests: the event loop never waits on a full pipe (threads wait in select instead)
+        fcntl.fcntl(self.wfd, fcntl.F_SETFL, fcntl.fcntl(self.wfd, fcntl.F_GETFL) | os.O_NONBLOCK)
         self.max_response = 16 * cfg.max_output_bytes + (1 << 16)
         self.start_timeout_s = cfg.start_timeout_s
 
@@ -72,10 +75,12 @@ class _Worker:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            r, _, _ = select.select([self.rfd], [], [], left)
-            if not r:
+            try:
+                if not select.select([self.rfd], [], [], left)[0]:
+                    return None
+                b = os.read(self.rfd, n - got)
+            except (OSError, ValueError):  # the pipe was closed under us (close())
                 return None
-            b = os.read(self.rfd, n - got)
             if not b:
                 return None
             chunks.append(b)
@@ -93,17 +98,21 @@ class _Worker:
         return None if body is None else json.loads(body)
 
     def call(self, req: dict[str, Any], deadline: float) -> dict[str, Any] | None:
-        data = json.dumps(req).encode()
         try:
-            self._write_all(_HDR.pack(len(data)) + data)
+            self._write_all(frame(req), deadline)
         except OSError:
             return None
         return self._read(deadline)
 
-    def _write_all(self, data: bytes) -> None:
+    def _write_all(self, data: bytes, deadline: float) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(self.wfd, view) :]
+            try:
+                view = view[os.write(self.wfd, view) :]
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [self.wfd], [], left)[1]:
+                    raise TimeoutError("sandbox worker is not reading its requests") from None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -134,6 +143,186 @@ class _Worker:
                     f.close()
             except OSError:
                 pass
+
+
+def frame(msg: dict[str, Any]) -> bytes:
+    data = json.dumps(msg).encode()
+    return _HDR.pack(len(data)) + data
+
+
+class _AsyncCall:
+    """One request/response with a worker driven by the event loop's own readiness callbacks (no thread)."""
+
+    def __init__(self, w: _Worker, data: bytes, limit_s: float, loop: asyncio.AbstractEventLoop):
+        self.w, self.loop = w, loop
+        self.fut: asyncio.Future[dict[str, Any] | None] = loop.create_future()
+        self.buf = bytearray()
+        self.pending = memoryview(data)
+        self.timer = loop.call_later(limit_s, self._finish, None)
+        loop.add_reader(w.rfd, self._on_readable)
+        self._on_writable()
+
+    def _on_writable(self) -> None:
+        try:
+            while self.pending:
+                self.pending = self.pending[os.write(self.w.wfd, self.pending) :]
+        except BlockingIOError:
+            self.loop.add_writer(self.w.wfd, self._on_writable)
+            return
+        except OSError:
+            self._finish(None)
+            return
+        self.loop.remove_writer(self.w.wfd)
+
+    def _on_readable(self) -> None:
+        try:
+            b = os.read(self.w.rfd, 1 << 16)
+        except OSError:
+            b = b""
+        if not b:  # the worker died
+            self._finish(None)
+            return
+        self.buf += b
+        if len(self.buf) < _HDR.size:
+            return
+        n = _HDR.unpack_from(self.buf)[0]
+        if n > self.w.max_response:
+            self._finish(None)
+        elif len(self.buf) >= _HDR.size + n:
+            self._finish(json.loads(bytes(self.buf[_HDR.size : _HDR.size + n])))
+
+    def _finish(self, msg: dict[str, Any] | None) -> None:
+        self.detach()
+        if not self.fut.done():
+            self.fut.set_result(msg)
+
+    def abort(self) -> None:
+        """From any thread: end the call as failed (the sandbox is closing and its pipes will close)."""
+        with contextlib.suppress(RuntimeError):  # its loop is already closed
+            self.loop.call_soon_threadsafe(self._finish, None)
+
+    def detach(self) -> None:
+        self.timer.cancel()
+        self.loop.remove_reader(self.w.rfd)
+        self.loop.remove_writer(self.w.wfd)
+
+    def rest_in_thread(self, deadline: float) -> dict[str, Any] | None:
+        """The awaiting task was cancelled mid-call: finish the exchange here, off the loop."""
+        try:
+            if self.pending:
+                self.w._write_all(bytes(self.pending), deadline)
+        except OSError:
+            return None
+        while len(self.buf) < _HDR.size:
+            b = self.w._read_exact(_HDR.size - len(self.buf), deadline)
+            if b is None:
+                return None
+            self.buf += b
+        n = _HDR.unpack_from(self.buf)[0]
+        if n > self.w.max_response:
+            return None
+        if len(self.buf) < _HDR.size + n:
+            b = self.w._read_exact(_HDR.size + n - len(self.buf), deadline)
+            if b is None:
+                return None
+            self.buf += b
+        return json.loads(bytes(self.buf[_HDR.size : _HDR.size + n]))
+
+
+class _SlotPool:
+    """Idle slots and the callers waiting for one, threads and coroutines alike, served in arrival order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: deque[_Slot] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self.closed = False
+
+    def put(self, slot: _Slot) -> None:
+        with self._lock:
+            while self._waiters:
+                if self._waiters.popleft().offer(slot):
+                    return
+            self._idle.append(slot)
+
+    def get(self) -> _Slot:
+        with self._lock:
+            if self.closed:
+                raise SandboxError("sandbox is closed")
+            if self._idle:
+                return self._idle.popleft()
+            waiter = _ThreadWaiter()
+            self._waiters.append(waiter)
+        return waiter.wait()
+
+    async def aget(self) -> _Slot:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self.closed:
+                raise SandboxError("sandbox is closed")
+            if self._idle:
+                return self._idle.popleft()
+            waiter = _LoopWaiter(self, loop)
+            self._waiters.append(waiter)
+        return await waiter.fut
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            waiters, self._waiters = list(self._waiters), deque()
+        for w in waiters:
+            w.offer(None)
+
+
+class _ThreadWaiter:
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._slot: _Slot | None = None
+
+    def offer(self, slot: _Slot | None) -> bool:
+        self._slot = slot
+        self._event.set()
+        return True
+
+    def wait(self) -> _Slot:
+        self._event.wait()
+        if self._slot is None:
+            raise SandboxError("sandbox is closed")
+        return self._slot
+
+
+class _LoopWaiter:
+    def __init__(self, pool: _SlotPool, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool, self.loop = pool, loop
+        self.fut: asyncio.Future[_Slot] = loop.create_future()
+
+    def offer(self, slot: _Slot | None) -> bool:
+        if self.fut.done():  # its caller was cancelled
+            return False
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        try:
+            if running is self.loop:
+                self.loop.call_soon(self._deliver, slot)
+            else:
+                self.loop.call_soon_threadsafe(self._deliver, slot)
+        except RuntimeError:  # that loop is closed
+            return False
+        return True
+
+    def _deliver(self, slot: _Slot | None) -> None:
+        if self.fut.cancelled():
+            if slot is not None:
+                self.pool.put(slot)
+        elif slot is None:
+            self.fut.set_exception(SandboxError("sandbox is closed"))
+        else:
+            self.fut.set_result(slot)
+
+
+_Waiter = _ThreadWaiter | _LoopWaiter
 
 
 class _Slot:
@@ -190,8 +379,10 @@ class Sandbox:
         # bwrap's --die-with-parent watches the thread that started it: start workers from one thread
         # that lives as long as the sandbox.
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawn")
+        # threads for what must not run on an event loop: restarting a worker, finishing a cancelled call
         self._calls = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="sandbox-call")
-        self._idle: queue.Queue[_Slot] = queue.Queue()
+        self._pool = _SlotPool()
+        self._active: set[_AsyncCall] = set()  # calls driven by an event loop right now
         self._slots: list[_Slot] = []
         self._workers: list[_Worker] = []  # every live worker process, for cleanup
         try:
@@ -206,7 +397,7 @@ class Sandbox:
                     w.wait_ready()
                 slot = _Slot(ws[0], ws[1] if len(ws) > 1 else None)
                 self._slots.append(slot)
-                self._idle.put(slot)
+                self._pool.put(slot)
         except BaseException:
             self.close()
             raise
@@ -248,46 +439,108 @@ class Sandbox:
 
     def run(self, code: str, timeout_s: float | None = None) -> ExecResult:
         """Run `code` in a fresh sandboxed process; blocks until a worker is free. Thread-safe."""
-        if self._closed:
-            raise SandboxError("sandbox is closed")
-        if not isinstance(code, str):
-            raise TypeError(f"code must be a str, got {type(code).__name__}")
-        cfg = self.config
-        timeout = float(timeout_s) if timeout_s else cfg.wall_timeout_s
-        req = {"code": code, "timeout": timeout}
-        while True:  # wait for a free slot, but never past close()
-            if self._closed:
-                raise SandboxError("sandbox is closed")
-            try:
-                slot = self._idle.get(timeout=0.25)
-                break
-            except queue.Empty:
-                continue
-        use_heavy = (
-            not self._fast or slot.light is None or bool(self._heavy_re and self._heavy_re.search(code))
-        )
-        w = slot.heavy if use_heavy else slot.light
-        assert w is not None
+        req, timeout = self._request(code, timeout_s)
+        slot = self._pool.get()
+        w = self._pick(slot, code)
         t0 = time.monotonic()
         try:
             res = w.call(req, time.monotonic() + timeout + 10.0)
             if res is None:
-                # the worker died or hung (not the code: its limits are enforced inside the worker)
-                if self._closed:
-                    raise SandboxError("sandbox is closed")
-                log.warning("sandbox worker %d%s failed; restarting it", w.index, w.kind)
-                self._restart(slot, w)
-                return ExecResult(
-                    "error",
-                    "",
-                    "SandboxError: the interpreter crashed; state was reset",
-                    False,
-                    None,
-                    time.monotonic() - t0,
-                )
+                self._recover(slot, w)
         finally:
             if not self._closed:
-                self._idle.put(slot)
+                self._pool.put(slot)
+        return self._result(res, time.monotonic() - t0)
+
+    async def arun(self, code: str, timeout_s: float | None = None) -> ExecResult:
+        """`run` from async code, driven by the event loop itself: the loop never blocks, and no thread
+        sits between it and the worker (a call costs a pipe write and a read callback)."""
+        req, timeout = self._request(code, timeout_s)
+        slot = await self._pool.aget()
+        w = self._pick(slot, code)
+        t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            call = _AsyncCall(w, frame(req), timeout + 10.0, loop)
+        except BaseException:
+            self._pool.put(slot)
+            raise
+        with self._lock:
+            self._active.add(call)
+        try:
+            res = await asyncio.shield(call.fut)
+        except asyncio.CancelledError:
+            if call.fut.done():  # the answer came in as the caller gave up
+                self._settle(slot, w, call.fut.result())
+            elif not self._closed:
+                # the worker is mid-call: a thread finishes the exchange and frees the slot, whatever
+                # becomes of this loop
+                call.detach()
+                self._calls.submit(self._finish_in_thread, slot, w, call, time.monotonic() + timeout + 10.0)
+            raise
+        finally:
+            with self._lock:
+                self._active.discard(call)
+        if res is None:
+            if self._closed:
+                raise SandboxError("sandbox is closed")
+            await loop.run_in_executor(self._calls, self._recover_and_release, slot, w)
+        elif not self._closed:
+            self._pool.put(slot)
+        return self._result(res, time.monotonic() - t0)
+
+    def _settle(self, slot: _Slot, w: _Worker, res: dict[str, Any] | None) -> None:
+        if self._closed:
+            return
+        if res is None:
+            self._calls.submit(self._recover_and_release, slot, w)
+        else:
+            self._pool.put(slot)
+
+    def _request(self, code: str, timeout_s: float | None) -> tuple[dict[str, Any], float]:
+        if self._closed:
+            raise SandboxError("sandbox is closed")
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, got {type(code).__name__}")
+        timeout = float(timeout_s) if timeout_s else self.config.wall_timeout_s
+        return {"code": code, "timeout": timeout}, timeout
+
+    def _pick(self, slot: _Slot, code: str) -> _Worker:
+        light = self._fast and slot.light is not None and not (self._heavy_re and self._heavy_re.search(code))
+        w = slot.light if light else slot.heavy
+        assert w is not None
+        return w
+
+    def _recover(self, slot: _Slot, w: _Worker) -> None:
+        """The worker died or hung (not the code: its limits are enforced inside the worker)."""
+        if self._closed:
+            raise SandboxError("sandbox is closed")
+        log.warning("sandbox worker %d%s failed; restarting it", w.index, w.kind)
+        self._restart(slot, w)
+
+    def _recover_and_release(self, slot: _Slot, w: _Worker) -> None:
+        try:
+            self._recover(slot, w)
+        finally:
+            if not self._closed:
+                self._pool.put(slot)
+
+    def _finish_in_thread(self, slot: _Slot, w: _Worker, call: _AsyncCall, deadline: float) -> None:
+        try:
+            if call.rest_in_thread(deadline) is None:
+                self._recover(slot, w)
+        except SandboxError:
+            pass
+        finally:
+            if not self._closed:
+                self._pool.put(slot)
+
+    def _result(self, res: dict[str, Any] | None, elapsed_s: float) -> ExecResult:
+        if res is None:
+            return ExecResult(
+                "error", "", "SandboxError: the interpreter crashed; state was reset", False, None, elapsed_s
+            )
+        cfg = self.config
         return ExecResult(
             status=res["status"],
             stdout=res["stdout"],
@@ -300,16 +553,16 @@ class Sandbox:
             output_limit=cfg.max_output_bytes,
         )
 
-    async def arun(self, code: str, timeout_s: float | None = None) -> ExecResult:
-        """`run` from async code: the blocking part runs on the sandbox's own threads, never the loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._calls, self.run, code, timeout_s)
-
     def close(self) -> None:
         """Stop every worker (nothing of theirs survives) and remove scratch space. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        self._pool.close()
+        with self._lock:
+            active, self._active = list(self._active), set()
+        for call in active:
+            call.abort()
         Sandbox._cleanup(self._workers, self._scratch)
         self._calls.shutdown(wait=False, cancel_futures=True)
         self._spawner.shutdown(wait=True)

@@ -192,3 +192,79 @@ def test_warm_image_sits_in_huge_pages_and_stays_correct_across_recollapses():
             r = sb.run(code.format(n=n))
             assert r.status == "ok" and r.stdout.strip() == str(n * (n - 1) // 2), r.observation()
         assert max(_anon_huge_kb(p) for p in descendants(heavy.proc.pid)) > 0
+
+
+# ---------------------------------------------------------------- the event-loop path (arun)
+
+
+async def test_cancelled_arun_frees_its_worker_and_the_next_call_runs():
+    import asyncio
+
+    with Sandbox(small_config("auto", workers=1)) as sb:
+        light = sb._slots[0].light
+        assert light is not None
+        worker_pid = light.proc.pid
+        slow = asyncio.create_task(sb.arun("import time\ntime.sleep(0.6)\nprint('slow')"))
+        await asyncio.sleep(0.2)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        t0 = time.monotonic()
+        r = await sb.arun("print('next')")
+        assert r.status == "ok" and r.stdout == "next\n", r.observation()
+        # the one worker was busy until the cancelled call really ended, and was not restarted for it
+        assert 0.2 < time.monotonic() - t0 < 3.0
+        assert sb._slots[0].light is light and light.proc.pid == worker_pid
+        assert sb.run("print(2)").stdout == "2\n"
+
+
+def test_a_call_in_flight_when_its_event_loop_ends_still_frees_the_worker():
+    import asyncio
+
+    with Sandbox(small_config("auto", workers=1)) as sb:
+
+        async def abandon() -> None:
+            asyncio.create_task(sb.arun("import time\ntime.sleep(0.4)\nprint('x')"))
+            await asyncio.sleep(0.1)  # asyncio.run now cancels the task and closes the loop
+
+        asyncio.run(abandon())
+        r = sb.run("print('after')")
+        assert r.status == "ok" and r.stdout == "after\n", r.observation()
+
+
+async def test_threads_and_coroutines_share_the_workers_in_turn():
+    import asyncio
+
+    with Sandbox(small_config("auto", workers=1)) as sb:
+        loop = asyncio.get_running_loop()
+        sync = [loop.run_in_executor(None, sb.run, f"print({i})") for i in range(6)]
+        coro = [sb.arun(f"print({i + 100})") for i in range(6)]
+        outs = await asyncio.gather(*sync, *coro)
+    assert [r.stdout for r in outs] == [f"{i}\n" for i in range(6)] + [f"{i + 100}\n" for i in range(6)]
+
+
+async def test_arun_survives_a_worker_that_dies_mid_call():
+    import asyncio
+
+    with Sandbox(small_config("auto", workers=1)) as sb:
+        w = sb._slots[0].light or sb._slots[0].heavy
+        task = asyncio.create_task(sb.arun("import time\ntime.sleep(2)\nprint('never')"))
+        await asyncio.sleep(0.3)
+        os.killpg(w.proc.pid, signal.SIGKILL)  # the worker (not the call) dies
+        r = await asyncio.wait_for(task, 30)
+        assert r.status == "error" and "crashed" in r.stderr
+        again = await sb.arun("print('fresh')")
+        assert again.status == "ok" and again.stdout == "fresh\n", again.observation()
+
+
+async def test_close_wakes_coroutines_waiting_for_a_worker():
+    import asyncio
+
+    sb = Sandbox(small_config("auto", workers=1))
+    busy = asyncio.create_task(sb.arun("import time\ntime.sleep(1)"))
+    await asyncio.sleep(0.2)
+    waiting = [asyncio.create_task(sb.arun("print(1)")) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    sb.close()
+    results = await asyncio.wait_for(asyncio.gather(busy, *waiting, return_exceptions=True), 10)
+    assert all(isinstance(r, RuntimeError) for r in results[1:]), results
