@@ -234,7 +234,6 @@ def drop_privileges():
         os.setresuid(uid, uid, uid)
     elif TIER == "namespaces":
         drop_capabilities()
-    prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
 # ---------------------------------------------------------------- the call's child
@@ -284,18 +283,12 @@ def child_main(code_r, out_w, err_w, done_w, keep_fds):
     if NPROC is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, NPROC))
     drop_privileges()
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # the worker ignores it; programs the code runs expect it
     sys.argv = ["<code>"]
     import builtins
     import linecache
 
     glb = {"__name__": "__main__", "__builtins__": builtins, "__file__": "<code>"}
     resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-    # Touch the compiler and the print path now, while idle: the copy-on-write faults they cost after a
-    # fork then fall outside the call's latency.
-    exec(compile(PREWARM_SRC, "<prewarm>", "exec"), {"__builtins__": builtins})
-    sys.stdout.write("")
-    sys.stdout.flush()
     chunks = []
     while True:
         b = os.read(code_r, 1 << 20)
@@ -824,7 +817,9 @@ def main():
 def inherit_call_setup():
     """What every call's process needs and the worker can hold too: set once here, inherited at fork, so a
     call does not pay for it (each first use of a Python object after a fork costs copy-on-write faults)."""
+    prctl(PR_SET_NO_NEW_PRIVS, 1)  # nothing exec'd later gains privileges (setuid bits, file capabilities)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails with EFBIG instead of killing
+    # SIGPIPE stays ignored, as in any Python process: a closed pipe is a BrokenPipeError
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     os.environ.clear()

@@ -239,6 +239,17 @@ print(n)
     assert 0 < int(r.stdout) <= bound
 
 
+def test_calls_cannot_gain_privileges(sandbox, tier):
+    """no_new_privs is set (setuid binaries and file capabilities give nothing), and a call holds no
+    capability in the namespaced tiers, nor when it was given its own uid."""
+    r = sandbox.run("print(open('/proc/self/status').read())")
+    assert r.status == "ok", r.observation()
+    status = dict(line.split(":\t", 1) for line in r.stdout.splitlines() if ":\t" in line)
+    assert status["NoNewPrivs"].strip() == "1"
+    if tier != "process" or _root():
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+
+
 @pytest.mark.parametrize(
     "code",
     [
