@@ -626,7 +626,7 @@ def finish(child):
         wipe_ipc()
 
 
-RECOLLAPSE_EVERY = 256  # calls
+RECOMPACT_EVERY = 256  # calls
 
 
 def serve(huge_mb):
@@ -644,10 +644,10 @@ def serve(huge_mb):
         send(RESP_FD, res)
         finish(child)
         calls += 1
-        if huge_mb and calls % RECOLLAPSE_EVERY == 0:
-            # the worker's own writes split huge pages it shared with a child; with no child alive now,
-            # merge them back (a few ms, once per this many calls)
-            collapse_to_huge_pages()
+        if calls % RECOMPACT_EVERY == 0:
+            # the worker's own writes split huge pages it shared with a child, and its heap grows: with no
+            # child alive now, compact again (a few ms, once per this many calls)
+            compact_image(huge_pages=bool(huge_mb))
         spare = fork_child()
     if spare is not None:
         spare.close()
@@ -781,7 +781,7 @@ def main():
         preload_and_warm()
         gc.collect()  # touches every object: before the collapse, and before any fork shares the pages
         gc.freeze()
-        huge_mb = collapse_to_huge_pages()
+        huge_mb = compact_image()
         if TIER == "namespaces":
             enter_namespaces()  # returns in pid 1 of the new namespaces
             setup_mounts()
@@ -828,11 +828,16 @@ def inherit_call_setup():
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
 
-def collapse_to_huge_pages():
-    """Back the warm image's private memory with 2 MB pages where the kernel allows (MADV_COLLAPSE): a fork
-    then copies one entry per 2 MB instead of 512, and the child's exit unmaps as few, which halves what a
-    call on the numpy+sympy image costs. Copy-on-write still copies 4 KB at a time. Best effort: returns
+def compact_image(huge_pages=True):
+    """Make the warm image cheap to fork: every resident private page is a page-table entry a fork copies
+    and an exit tears down. Give freed heap back to the kernel (malloc_trim), then back what is left with
+    2 MB pages where the kernel allows (MADV_COLLAPSE): one entry per 2 MB instead of 512, which halves what
+    a call on the numpy+sympy image costs (copy-on-write still copies 4 KB at a time). Best effort: returns
     the MB collapsed (0 where transparent huge pages are off or the kernel predates MADV_COLLAPSE)."""
+    with contextlib.suppress(AttributeError):  # glibc only
+        LIBC.malloc_trim(0)
+    if not huge_pages:
+        return 0
     huge = 2 << 20
     LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     done = 0

@@ -159,6 +159,7 @@ class _AsyncCall:
         self.buf = bytearray()
         self.pending = memoryview(data)
         self.timer = loop.call_later(limit_s, self._finish, None)
+        self.attached, self.writing = True, False
         loop.add_reader(w.rfd, self._on_readable)
         self._on_writable()
 
@@ -166,13 +167,17 @@ class _AsyncCall:
         try:
             while self.pending:
                 self.pending = self.pending[os.write(self.w.wfd, self.pending) :]
-        except BlockingIOError:
-            self.loop.add_writer(self.w.wfd, self._on_writable)
+        except BlockingIOError:  # a request larger than the pipe: the rest when the worker has read some
+            if not self.writing:
+                self.writing = True
+                self.loop.add_writer(self.w.wfd, self._on_writable)
             return
         except OSError:
             self._finish(None)
             return
-        self.loop.remove_writer(self.w.wfd)
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.w.wfd)
 
     def _on_readable(self) -> None:
         try:
@@ -202,9 +207,13 @@ class _AsyncCall:
             self.loop.call_soon_threadsafe(self._finish, None)
 
     def detach(self) -> None:
-        self.timer.cancel()
-        self.loop.remove_reader(self.w.rfd)
-        self.loop.remove_writer(self.w.wfd)
+        if self.attached:
+            self.attached = False
+            self.timer.cancel()
+            self.loop.remove_reader(self.w.rfd)
+            if self.writing:
+                self.writing = False
+                self.loop.remove_writer(self.w.wfd)
 
     def rest_in_thread(self, deadline: float) -> dict[str, Any] | None:
         """The awaiting task was cancelled mid-call: finish the exchange here, off the loop."""
@@ -468,9 +477,9 @@ class Sandbox:
         with self._lock:
             self._active.add(call)
         try:
-            res = await asyncio.shield(call.fut)
+            res = await call.fut
         except asyncio.CancelledError:
-            if call.fut.done():  # the answer came in as the caller gave up
+            if call.fut.done() and not call.fut.cancelled():  # the answer came in as the caller gave up
                 self._settle(slot, w, call.fut.result())
             elif not self._closed:
                 # the worker is mid-call: a thread finishes the exchange and frees the slot, whatever

@@ -268,3 +268,14 @@ async def test_close_wakes_coroutines_waiting_for_a_worker():
     sb.close()
     results = await asyncio.wait_for(asyncio.gather(busy, *waiting, return_exceptions=True), 10)
     assert all(isinstance(r, RuntimeError) for r in results[1:]), results
+
+
+async def test_requests_larger_than_a_pipe_buffer_go_through_both_paths():
+    import asyncio
+
+    code = "s = '" + "x" * 300_000 + "'\nprint(len(s))"  # several times the 64 KB pipe buffer
+    with Sandbox(small_config("auto", workers=1)) as sb:
+        a, b = await asyncio.gather(
+            sb.arun(code), asyncio.get_running_loop().run_in_executor(None, sb.run, code)
+        )
+    assert a.stdout == b.stdout == "300000\n", (a.observation(), b.observation())
