@@ -11,10 +11,12 @@ child's stdout/stderr through a hard cap, kills the child at the wall limit, kil
 call. The next child is forked while the current one runs, so a fork is rarely on the critical path.
 """
 
+import builtins
 import contextlib
 import ctypes
 import gc
 import json
+import linecache
 import os
 import resource
 import select
@@ -283,10 +285,6 @@ def child_main(code_r, out_w, err_w, done_w, keep_fds):
     if NPROC is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, NPROC))
     drop_privileges()
-    sys.argv = ["<code>"]
-    import builtins
-    import linecache
-
     glb = {"__name__": "__main__", "__builtins__": builtins, "__file__": "<code>"}
     resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
     chunks = []
@@ -725,8 +723,6 @@ def preload_and_warm():
         str(mods["fractions"].Fraction(3, 4) + 1)
     # The compiler's first run in a process initialises much of its state: run it here, a few times, so a
     # call's compile finds it made and shared (a fork child compiling first pays about 3x the page faults).
-    import builtins
-
     for _ in range(3):
         for src in (PREWARM_SRC, WARM_SRC):
             exec(compile(src, "<code>", "exec"), {"__builtins__": builtins, "print": lambda *a, **k: None})
@@ -824,6 +820,7 @@ def inherit_call_setup():
         signal.signal(sig, signal.SIG_DFL)
     os.environ.clear()
     os.environ.update(SAFE_ENV, HOME=SCRATCH, TMPDIR=SCRATCH, PWD=SCRATCH)
+    sys.argv = ["<code>"]  # CFG was read from it at start-up
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
