@@ -30,7 +30,13 @@ CFG = json.loads(sys.argv[1])
 TIER = CFG["tier"]
 LIBC = ctypes.CDLL(None, use_errno=True)
 MEMORY_EXIT = 86  # exit code the child uses for MemoryError
-HDR = struct.Struct("!I")
+HDR = struct.Struct("!I")  # start-up messages: 4-byte length + JSON
+# Calls, in binary (no JSON work per call; the same layouts as in local.py): a request is REQ + the code as
+# UTF-8, a response RESP + stdout + stderr as raw bytes (the parent decodes them).
+REQ = struct.Struct("!dI")  # wall timeout (0: the configured one), code length
+RESP = struct.Struct("!BBiddII")  # status, flags, exit code, duration, timeout applied, stdout/err lengths
+STATUS = {"ok": 0, "error": 1, "timeout": 2, "memory": 3}
+F_TRUNCATED, F_EXIT_CODE, F_TIMEOUT = 1, 2, 4
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 4, 24, 28
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
@@ -74,12 +80,23 @@ def send(fd, obj):
         data = data[os.write(fd, data) :]
 
 
-def recv(fd):
-    head = _read_exact(fd, HDR.size)
+def recv_call(fd):
+    """(timeout, code bytes) of the next request, or None once the parent is gone."""
+    head = _read_exact(fd, REQ.size)
     if head is None:
         return None
-    body = _read_exact(fd, HDR.unpack(head)[0])
-    return None if body is None else json.loads(body)
+    timeout, n = REQ.unpack(head)
+    code = _read_exact(fd, n) if n else b""
+    return None if code is None else (timeout, code)
+
+
+def send_result(fd, status, out, err, truncated, exit_code, duration, timeout_s):
+    flags = (F_TRUNCATED if truncated else 0) | (F_EXIT_CODE if exit_code is not None else 0)
+    flags |= F_TIMEOUT if timeout_s is not None else 0
+    head = RESP.pack(STATUS[status], flags, exit_code or 0, duration, timeout_s or 0.0, len(out), len(err))
+    data = memoryview(b"".join((head, out, err)))
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def _read_exact(fd, n):
@@ -513,13 +530,13 @@ def _drain(fd, buf, cap):
     return False
 
 
-def run_call(child, req):
+def run_call(child, timeout, code):
     """Hand the code to the pre-forked child, relay its output through the cap, enforce the wall limit.
 
-    Returns (response, finished) where the response can be sent before the child has been reaped.
+    Returns the result fields for send_result (sent before the child is reaped), or None if the parent
+    went away meanwhile.
     """
     t0 = time.monotonic()
-    code = req["code"].encode("utf-8", "surrogatepass")
     try:
         view = memoryview(code)
         while view:
@@ -528,7 +545,7 @@ def run_call(child, req):
         pass
     os.close(child.code_w)
     child.code_w = None
-    timeout = float(req.get("timeout") or CFG["limits"]["wall_timeout_s"])
+    timeout = timeout or float(CFG["limits"]["wall_timeout_s"])
     deadline = t0 + timeout
     cap = CFG["limits"]["max_output_bytes"]
     out, err = bytearray(), bytearray()
@@ -597,18 +614,10 @@ def run_call(child, req):
             status = "memory"
         else:
             status = "ok" if exit_code == 0 else "error"
-    res = {
-        "status": status,
-        "stdout": out.decode("utf-8", "replace"),
-        "stderr": err.decode("utf-8", "replace"),
-        "truncated": truncated,
-        "exit_code": exit_code,
-        "duration_s": duration,
-        "timeout_s": None,
-    }
+    timeout_s = None
     if status == "timeout":
-        res["timeout_s"] = timeout if timed_out else float(CFG["limits"]["cpu_time_s"])
-    return res
+        timeout_s = timeout if timed_out else float(CFG["limits"]["cpu_time_s"])
+    return status, out, err, truncated, exit_code, duration, timeout_s
 
 
 def finish(child):
@@ -631,15 +640,15 @@ def serve(huge_mb):
     spare = fork_child()
     calls = 0
     while True:
-        req = recv(REQ_FD)
+        req = recv_call(REQ_FD)
         if req is None:
             break
         child, spare = spare, None
-        res = run_call(child, req)
+        res = run_call(child, *req)
         if res is None:
             finish(child)
             break
-        send(RESP_FD, res)
+        send_result(RESP_FD, *res)
         finish(child)
         calls += 1
         if calls % RECOMPACT_EVERY == 0:

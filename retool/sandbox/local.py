@@ -28,7 +28,41 @@ from retool.sandbox.config import SandboxConfig
 from retool.sandbox.result import ExecResult
 
 log = logging.getLogger(__name__)
-_HDR = struct.Struct("!I")
+_HDR = struct.Struct("!I")  # start-up messages: 4-byte length + JSON
+# Calls, in binary (the same layouts as in _worker.py): request = _REQ + code as UTF-8, response = _RESP +
+# stdout + stderr as raw bytes.
+_REQ = struct.Struct("!dI")  # wall timeout, code length
+_RESP = struct.Struct("!BBiddII")  # status, flags, exit code, duration, timeout applied, stdout/err lengths
+_STATUS = ("ok", "error", "timeout", "memory")
+_F_TRUNCATED, _F_EXIT_CODE, _F_TIMEOUT = 1, 2, 4
+
+
+def request(code: str, timeout: float) -> bytes:
+    data = code.encode("utf-8", "surrogatepass")
+    return _REQ.pack(timeout, len(data)) + data
+
+
+def _reply_size(head: bytes | bytearray, cap: int) -> int | None:
+    """Length of the whole response this header starts; None if the header is malformed."""
+    status, _f, _rc, _d, _t, n_out, n_err = _RESP.unpack_from(head)
+    if status >= len(_STATUS) or n_out > cap or n_err > cap:
+        return None
+    return _RESP.size + n_out + n_err
+
+
+def _parse_reply(data: bytes | bytearray) -> dict[str, Any]:
+    status, flags, rc, duration, timeout_s, n_out, n_err = _RESP.unpack_from(data)
+    out = bytes(data[_RESP.size : _RESP.size + n_out])
+    err = bytes(data[_RESP.size + n_out : _RESP.size + n_out + n_err])
+    return {
+        "status": _STATUS[status],
+        "stdout": out.decode("utf-8", "replace"),
+        "stderr": err.decode("utf-8", "replace"),
+        "truncated": bool(flags & _F_TRUNCATED),
+        "exit_code": rc if flags & _F_EXIT_CODE else None,
+        "duration_s": duration,
+        "timeout_s": timeout_s if flags & _F_TIMEOUT else None,
+    }
 
 
 class SandboxError(RuntimeError):
@@ -57,7 +91,7 @@ class _Worker:
         self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
         # non-blocking requests: the event loop never waits on a full pipe (threads wait in select instead)
         fcntl.fcntl(self.wfd, fcntl.F_SETFL, fcntl.fcntl(self.wfd, fcntl.F_GETFL) | os.O_NONBLOCK)
-        self.max_response = 16 * cfg.max_output_bytes + (1 << 16)
+        self.max_output = cfg.max_output_bytes  # the worker caps each stream at this
         self.start_timeout_s = cfg.start_timeout_s
 
     def wait_ready(self) -> None:
@@ -88,21 +122,39 @@ class _Worker:
         return b"".join(chunks)
 
     def _read(self, deadline: float) -> dict[str, Any] | None:
+        """A start-up message (ready or fatal)."""
         head = self._read_exact(_HDR.size, deadline)
         if head is None:
             return None
         n = _HDR.unpack(head)[0]
-        if n > self.max_response:
+        if n > 1 << 20:
             return None
         body = self._read_exact(n, deadline)
         return None if body is None else json.loads(body)
 
-    def call(self, req: dict[str, Any], deadline: float) -> dict[str, Any] | None:
+    def call(self, data: bytes, deadline: float) -> dict[str, Any] | None:
         try:
-            self._write_all(frame(req), deadline)
+            self._write_all(data, deadline)
         except OSError:
             return None
-        return self._read(deadline)
+        return self.read_reply(bytearray(), deadline)
+
+    def read_reply(self, buf: bytearray, deadline: float) -> dict[str, Any] | None:
+        """Read the rest of a call's response, `buf` being what already came in."""
+        if len(buf) < _RESP.size:
+            b = self._read_exact(_RESP.size - len(buf), deadline)
+            if b is None:
+                return None
+            buf += b
+        size = _reply_size(buf, self.max_output)
+        if size is None:
+            return None
+        if len(buf) < size:
+            b = self._read_exact(size - len(buf), deadline)
+            if b is None:
+                return None
+            buf += b
+        return _parse_reply(buf)
 
     def _write_all(self, data: bytes, deadline: float) -> None:
         view = memoryview(data)
@@ -145,11 +197,6 @@ class _Worker:
                 pass
 
 
-def frame(msg: dict[str, Any]) -> bytes:
-    data = json.dumps(msg).encode()
-    return _HDR.pack(len(data)) + data
-
-
 class _AsyncCall:
     """One request/response with a worker driven by the event loop's own readiness callbacks (no thread)."""
 
@@ -188,13 +235,13 @@ class _AsyncCall:
             self._finish(None)
             return
         self.buf += b
-        if len(self.buf) < _HDR.size:
+        if len(self.buf) < _RESP.size:
             return
-        n = _HDR.unpack_from(self.buf)[0]
-        if n > self.w.max_response:
+        size = _reply_size(self.buf, self.w.max_output)
+        if size is None:
             self._finish(None)
-        elif len(self.buf) >= _HDR.size + n:
-            self._finish(json.loads(bytes(self.buf[_HDR.size : _HDR.size + n])))
+        elif len(self.buf) >= size:
+            self._finish(_parse_reply(self.buf))
 
     def _finish(self, msg: dict[str, Any] | None) -> None:
         self.detach()
@@ -222,20 +269,7 @@ class _AsyncCall:
                 self.w._write_all(bytes(self.pending), deadline)
         except OSError:
             return None
-        while len(self.buf) < _HDR.size:
-            b = self.w._read_exact(_HDR.size - len(self.buf), deadline)
-            if b is None:
-                return None
-            self.buf += b
-        n = _HDR.unpack_from(self.buf)[0]
-        if n > self.w.max_response:
-            return None
-        if len(self.buf) < _HDR.size + n:
-            b = self.w._read_exact(_HDR.size + n - len(self.buf), deadline)
-            if b is None:
-                return None
-            self.buf += b
-        return json.loads(bytes(self.buf[_HDR.size : _HDR.size + n]))
+        return self.w.read_reply(self.buf, deadline)
 
 
 class _SlotPool:
@@ -470,7 +504,7 @@ class Sandbox:
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
-            call = _AsyncCall(w, frame(req), timeout + 10.0, loop)
+            call = _AsyncCall(w, req, timeout + 10.0, loop)
         except BaseException:
             self._pool.put(slot)
             raise
@@ -506,13 +540,13 @@ class Sandbox:
         else:
             self._pool.put(slot)
 
-    def _request(self, code: str, timeout_s: float | None) -> tuple[dict[str, Any], float]:
+    def _request(self, code: str, timeout_s: float | None) -> tuple[bytes, float]:
         if self._closed:
             raise SandboxError("sandbox is closed")
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, got {type(code).__name__}")
         timeout = float(timeout_s) if timeout_s else self.config.wall_timeout_s
-        return {"code": code, "timeout": timeout}, timeout
+        return request(code, timeout), timeout
 
     def _pick(self, slot: _Slot, code: str) -> _Worker:
         light = self._fast and slot.light is not None and not (self._heavy_re and self._heavy_re.search(code))
