@@ -14,6 +14,7 @@ call. The next child is forked while the current one runs, so a fork is rarely o
 import builtins
 import contextlib
 import ctypes
+import fcntl
 import gc
 import json
 import linecache
@@ -389,6 +390,8 @@ def fork_child():
         os._exit(70)
     for fd in (code_r, out_w, err_w, done_w):
         os.close(fd)
+    os.set_blocking(out_r, False)
+    os.set_blocking(err_r, False)
     return Child(pid, code_w, out_r, err_r, done_r)
 
 
@@ -514,8 +517,8 @@ def wipe_ipc():
 
 
 def _drain(fd, buf, cap):
-    """Read what is already in a pipe (descendants may still hold its write end); True if over cap."""
-    os.set_blocking(fd, False)
+    """Read what is already in a (non-blocking) pipe, whose write end descendants may still hold; True if
+    over cap."""
     try:
         while len(buf) <= cap:
             b = os.read(fd, 65536)
@@ -552,8 +555,12 @@ def run_call(child, timeout, code):
     bufs = {child.out_r: out, child.err_r: err}
     truncated = timed_out = exited = parent_gone = False
     rc = None
+    # When a pipe holds more than the cap, output need not be read as it comes: wait for the end (one
+    # wake-up for most calls) and look at the pipes every OUTPUT_CHECK_S, which still stops a flood.
+    quiet = cap < PIPE_CAPACITY
     poller = select.poll()
-    for fd in (child.out_r, child.err_r, child.done_r, child.pidfd, REQ_FD):
+    watch = (child.done_r, child.pidfd, REQ_FD)
+    for fd in watch if quiet else (child.out_r, child.err_r, *watch):
         poller.register(fd, select.POLLIN)
     while True:
         remaining = deadline - time.monotonic()
@@ -561,7 +568,7 @@ def run_call(child, timeout, code):
             timed_out = True
             break
         stop = False
-        for fd, _ev in poller.poll(remaining * 1000):
+        for fd, _ev in poller.poll(1000 * (min(remaining, OUTPUT_CHECK_S) if quiet else remaining)):
             if fd == REQ_FD:
                 parent_gone = stop = True
             elif fd == child.done_r:
@@ -583,6 +590,9 @@ def run_call(child, timeout, code):
                     del buf[cap:]
                     truncated = stop = True
         if stop:
+            break
+        if quiet and (_drain(child.out_r, out, cap) | _drain(child.err_r, err, cap)):
+            truncated = True
             break
     st = None
     if rc is None and not exited:
@@ -634,6 +644,7 @@ def finish(child):
 
 
 RECOMPACT_EVERY = 256  # calls
+OUTPUT_CHECK_S = 0.01
 
 
 def serve(huge_mb):
@@ -769,7 +780,7 @@ def exec_bwrap():
 
 
 def main():
-    global REQ_FD, RESP_FD, DEVNULL, SCRATCH, WIPE_ALL_TMP, MYPID, NPROC, AS_LIMIT, PATH_FDS
+    global REQ_FD, RESP_FD, DEVNULL, SCRATCH, WIPE_ALL_TMP, MYPID, NPROC, AS_LIMIT, PATH_FDS, PIPE_CAPACITY
     REQ_FD, RESP_FD = os.dup(0), os.dup(1)
     DEVNULL = os.open(os.devnull, os.O_RDWR)
     os.dup2(DEVNULL, 0)
@@ -810,6 +821,7 @@ def main():
             NPROC = count_processes_of(os.getuid()) + lim["max_processes"] + 4
         vsz = _vsz()
         AS_LIMIT = vsz + lim["memory_mb"] * (1 << 20)
+        PIPE_CAPACITY = pipe_capacity()
         inherit_call_setup()
         gc.freeze()
         send(RESP_FD, {"ready": True, "tier": TIER, "pid": os.getpid(), "vsz": vsz, "huge_mb": huge_mb})
@@ -860,6 +872,17 @@ def compact_image(huge_pages=True):
     return done >> 20
 
 
+def pipe_capacity():
+    r, w = os.pipe()
+    try:
+        return fcntl.fcntl(r, fcntl.F_GETPIPE_SZ)
+    except OSError:
+        return 4096  # the smallest a pipe can be
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def _vsz():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -887,7 +910,7 @@ def _path_fds():
     return fds
 
 
-REQ_FD = RESP_FD = DEVNULL = MYPID = AS_LIMIT = -1
+REQ_FD = RESP_FD = DEVNULL = MYPID = AS_LIMIT = PIPE_CAPACITY = -1
 NPROC = None
 SCRATCH = ""
 WIPE_ALL_TMP = False

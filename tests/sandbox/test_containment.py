@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.sandbox.conftest import SECRET
+from retool.sandbox import Sandbox
+from tests.sandbox.conftest import SECRET, small_config
 
 PROJECT = Path(__file__).resolve().parents[2]
 STRONG = {"bwrap", "namespaces"}
@@ -301,6 +302,20 @@ def test_output_flood_is_capped(sandbox):
         assert len(res.stdout.encode()) <= cap and len(res.stderr.encode()) <= cap
         assert "output truncated" in res.observation()
     assert (rss1 - rss0) < 20 * 1024, f"parent RSS grew by {(rss1 - rss0) / 1024:.0f} MB"
+
+
+@pytest.mark.parametrize("cap", [1000, 200_000], ids=["cap-below-pipe-size", "cap-above-pipe-size"])
+def test_flood_stops_at_the_cap_and_output_below_it_is_whole(cap):
+    """Below a pipe's capacity the worker reads output only at the end (and checks every few ms); above
+    it, as it comes. Either way a flood is stopped at the cap, soon, and smaller output arrives whole."""
+    with Sandbox(small_config("auto", workers=1, max_output_bytes=cap, wall_timeout_s=20.0)) as sb:
+        t0 = time.monotonic()
+        r = sb.run("while True:\n    print('x' * 999)")
+        assert r.truncated and r.status == "error" and len(r.stdout) == cap, r.observation()[-200:]
+        assert time.monotonic() - t0 < 5.0, "the flood ran on instead of being stopped at the cap"
+        whole = sb.run(f"import sys\nprint('a' * {cap - 100})\nprint('b' * 50, file=sys.stderr)")
+        assert not whole.truncated and whole.stdout == "a" * (cap - 100) + "\n", whole.observation()[-200:]
+        assert whole.stderr == "b" * 50 + "\n"
 
 
 def test_no_state_leaks_between_calls(sandbox, tier):
