@@ -2,13 +2,19 @@
 isolation, imports and warms the heavy modules once, then serves calls by forking.
 
 Standalone on purpose: it imports nothing from ``retool`` (the project directory is not visible inside the
-strong tiers). Protocol on fds 0 (requests) and 1 (responses): 4-byte big-endian length + JSON.
+strong tiers). Protocol on fds 0 (requests) and 1 (responses): the start-up message is a 4-byte big-endian
+length + JSON; calls are binary (REQ and RESP below).
 
-One call = one pre-forked child. The child waits on a private pipe for its code, then sets rlimits, drops
-privileges, makes a fresh scratch dir, clears the environment and runs the code. The worker relays the
+One call = one pre-forked child. The child makes a fresh scratch dir, sets rlimits and drops privileges,
+then waits on a private pipe for its code and runs it; what every call needs alike (a clean environment,
+signal dispositions, no_new_privs) the worker set once and the child inherits. The worker relays the
 child's stdout/stderr through a hard cap, kills the child at the wall limit, kills every leftover descendant
 (it is pid 1 or a child subreaper, so orphans come back to it) and wipes the writable area before the next
 call. The next child is forked while the current one runs, so a fork is rarely on the critical path.
+
+Most of a call's cost is the kernel's: copying page tables at fork, copy-on-write faults, tearing the copy
+down at exit. Hence the image is trimmed and kept in huge pages, and the child runs as little Python of its
+own as it can.
 """
 
 import builtins

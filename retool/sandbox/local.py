@@ -519,15 +519,16 @@ class Sandbox:
                 # the worker is mid-call: a thread finishes the exchange and frees the slot, whatever
                 # becomes of this loop
                 call.detach()
-                self._calls.submit(self._finish_in_thread, slot, w, call, time.monotonic() + timeout + 10.0)
+                self._background(self._finish_in_thread, slot, w, call, time.monotonic() + timeout + 10.0)
             raise
         finally:
             with self._lock:
                 self._active.discard(call)
         if res is None:
-            if self._closed:
-                raise SandboxError("sandbox is closed")
-            await loop.run_in_executor(self._calls, self._recover_and_release, slot, w)
+            try:
+                await loop.run_in_executor(self._calls, self._recover_and_release, slot, w)
+            except RuntimeError:  # closed meanwhile (its threads no longer take work)
+                raise SandboxError("sandbox is closed") from None
         elif not self._closed:
             self._pool.put(slot)
         return self._result(res, time.monotonic() - t0)
@@ -536,9 +537,13 @@ class Sandbox:
         if self._closed:
             return
         if res is None:
-            self._calls.submit(self._recover_and_release, slot, w)
+            self._background(self._recover_and_release, slot, w)
         else:
             self._pool.put(slot)
+
+    def _background(self, fn: Any, *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the sandbox closed meanwhile: nothing is left to free
+            self._calls.submit(fn, *args)
 
     def _request(self, code: str, timeout_s: float | None) -> tuple[bytes, float]:
         if self._closed:
