@@ -48,7 +48,8 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 4, 24
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+MS_PRIVATE = 1 << 18
 SYS_MOUNT_SETATTR = 442  # same number on x86_64 and aarch64
 PREWARM_SRC = "import math\nfor _i in range(3):\n    _s = f'{_i} {math.sqrt(_i):.3f}'.split()\n"
 WARM_SRC = """def _f(n, k=2):
@@ -206,6 +207,8 @@ def setup_mounts():
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     keep = [os.path.realpath(k) for k in CFG["keep"] if os.path.isdir(k)]
     keep_fds = {k: os.open(k, os.O_PATH | os.O_DIRECTORY) for k in keep}
+    # hold the ones inside /tmp until they are bound into the calls' fresh /tmp at the end
+    tmp_fds = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for ps in CFG["tmp_keep"].values() for p in ps}
     done: list[str] = []
     for d in sorted({os.path.realpath(h) for h in CFG["hide"] if os.path.isdir(h)}):
         if any(d == x or d.startswith(x + "/") for x in done):
@@ -225,6 +228,14 @@ def setup_mounts():
     _check(ret, "mount_setattr(/, AT_RECURSIVE, RDONLY)")
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={CFG['tmp_mb']}m")
+    for top, paths in CFG["tmp_keep"].items():  # read-only, and a mount point: no call can move it
+        os.mkdir(top, 0o755)
+        mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+        for p in paths:
+            os.makedirs(p, exist_ok=True)
+            mount(f"/proc/self/fd/{tmp_fds.pop(p)}", p, None, MS_BIND | MS_REC)
+            mount(None, p, None, MS_BIND | MS_REC | MS_RDONLY | MS_REMOUNT)
+        mount(None, top, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
 # ---------------------------------------------------------------- privilege drop in a call's child
@@ -457,7 +468,7 @@ def wipe_scratch():
     if WIPE_ALL_TMP:
         try:  # the usual case: the call left its scratch dir empty and made nothing else
             os.rmdir(SCRATCH)
-            if not os.listdir("/tmp"):
+            if not set(os.listdir("/tmp")) - TMP_KEEP:
                 return
         except OSError:
             pass
@@ -466,6 +477,8 @@ def wipe_scratch():
         except OSError:
             return
         for e in entries:
+            if e.name in TMP_KEEP:  # read-only mounts holding the interpreter
+                continue
             try:
                 if e.is_dir(follow_symlinks=False):
                     shutil.rmtree(e.path, onerror=onerror)
@@ -773,11 +786,14 @@ def exec_bwrap():
     exe = os.open(argv[0], os.O_RDONLY | os.O_CLOEXEC)  # bwrap itself may live under the /tmp we cover
     _check(LIBC.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # so may the interpreter (a checkout in /tmp): hold every source, in this namespace, before covering /tmp
+    srcs = [os.open(src, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for src, _ in CFG["stage"]]
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
-    for src, dst in CFG["stage"]:
+    for (_src, dst), fd in zip(CFG["stage"], srcs, strict=True):
         os.mkdir(dst, 0o755)
-        mount(src, dst, None, MS_BIND | MS_REC)
-        mount(None, dst, None, MS_BIND | MS_REC | MS_RDONLY | 32)  # MS_REMOUNT
+        mount(f"/proc/self/fd/{fd}", dst, None, MS_BIND | MS_REC)
+        mount(None, dst, None, MS_BIND | MS_REC | MS_RDONLY | MS_REMOUNT)
+        os.close(fd)
     uid = CFG["bwrap_uid"]
     os.setgroups([])
     os.setresgid(uid, uid, uid)
@@ -921,5 +937,6 @@ NPROC = None
 SCRATCH = ""
 WIPE_ALL_TMP = False
 PATH_FDS: list[int] = []
+TMP_KEEP = {top[len("/tmp/") :] for top in CFG.get("tmp_keep", {})}  # names in /tmp the wipe leaves alone
 if __name__ == "__main__":
     main()

@@ -76,11 +76,25 @@ def hidden_paths() -> list[str]:
     return out
 
 
+def tmp_tops(paths: list[str]) -> dict[str, list[str]]:
+    """Interpreter paths inside /tmp, by their first directory there (/tmp/ci for /tmp/ci/.venv).
+
+    The calls' /tmp is a fresh writable tmpfs; such a path is bound into it under a read-only tmpfs at its
+    top directory, which the calls can neither write into nor rename (a mount point), and the per-call
+    wipe of /tmp leaves alone."""
+    tops: dict[str, list[str]] = {}
+    for p in paths:
+        if p.startswith("/tmp/"):
+            tops.setdefault("/tmp/" + p[len("/tmp/") :].split("/")[0], []).append(p)
+    return tops
+
+
 def worker_config(tier: str, cfg_dict: dict, *, call_uid: int | None, scratch_dir: str | None) -> str:
     d = dict(cfg_dict)
     d.update(tier=tier, call_uid=call_uid, uid_base=call_uid, uid_count=1, scratch_dir=scratch_dir)
     d.setdefault("keep", interpreter_paths())
     d.setdefault("hide", hidden_paths())
+    d.setdefault("tmp_keep", tmp_tops(d["keep"]))
     return json.dumps(d)
 
 
@@ -99,7 +113,10 @@ def bwrap_argv(worker_argv: list[str], tmp_mb: int, staged: bool) -> tuple[list[
             args += ["--ro-bind", p, p]
     for p in ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives"):
         args += ["--ro-bind-try", p, p]
+    # the calls' writable /tmp comes first: an interpreter path inside it is bound on top
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_mb << 20), "--tmpfs", "/tmp"]
     stage: list[list[str]] = []
+    binds: dict[str, str] = {}
     for p in interpreter_paths():
         if p == "/usr" or p.startswith("/usr/"):
             continue
@@ -107,8 +124,17 @@ def bwrap_argv(worker_argv: list[str], tmp_mb: int, staged: bool) -> tuple[list[
         # sandbox uid even when its real parents are not (a mode-700 home)
         src = f"/tmp/retool-py{len(stage)}" if staged else p
         stage.append([p, src])
-        args += ["--ro-bind", src, p]
-    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_mb << 20), "--tmpfs", "/tmp"]
+        binds[p] = src
+    tops = tmp_tops(list(binds))
+    in_tmp = {p for paths in tops.values() for p in paths}
+    for p, src in binds.items():
+        if p not in in_tmp:
+            args += ["--ro-bind", src, p]
+    for top, paths in tops.items():
+        args += ["--size", str(1 << 20), "--tmpfs", top]
+        for p in paths:
+            args += ["--ro-bind", binds[p], p]
+        args += ["--remount-ro", top]
     args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp", "--"]
     return args + worker_argv, stage
 

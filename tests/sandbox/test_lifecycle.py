@@ -298,3 +298,60 @@ async def test_requests_larger_than_a_pipe_buffer_go_through_both_paths():
             sb.arun(code), asyncio.get_running_loop().run_in_executor(None, sb.run, code)
         )
     assert a.stdout == b.stdout == "300000\n", (a.observation(), b.observation())
+
+
+@pytest.mark.parametrize("tier", ["bwrap", "namespaces"])
+def test_an_interpreter_inside_tmp_is_bound_read_only_and_survives_every_call(tier, tmp_path):
+    """A checkout or virtual environment under /tmp (CI clones there): the calls' fresh /tmp still shows
+    the interpreter, read-only, under a mount no call can write into, rename or have wiped."""
+    import json
+    import sysconfig
+
+    require_tier(tier)
+    assert str(tmp_path).startswith("/tmp/"), "pytest's temporary directory is expected under /tmp"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python3*/site-packages"))
+    (site / "venvmod.py").write_text("VALUE = 42\n")
+    top = "/tmp/" + str(venv)[len("/tmp/") :].split("/")[0]
+    script = tmp_path / "drive.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json, sys, time
+        from concurrent.futures import ThreadPoolExecutor
+        sys.path[:0] = [{str(ROOT)!r}, {sysconfig.get_paths()["purelib"]!r}]  # for this host-side process
+        from retool.sandbox import Sandbox, SandboxConfig
+        out = {{}}
+        cfg = SandboxConfig(isolation={tier!r}, workers=2, preload=["math"], wall_timeout_s=5.0)
+        with Sandbox(cfg) as sb:
+            run = lambda code: sb.run(code)
+            out["isolation"] = sb.isolation
+            out["prefix"] = run("import sys; print(sys.prefix)").stdout.strip()
+            out["venvmod"] = run("import venvmod; print(venvmod.VALUE)").stdout.strip()
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(run, ["import time; time.sleep(0.5)"] * 2))
+            out["parallel_s"] = time.monotonic() - t0
+            attacks = [
+                "open(sys.prefix + '/x', 'w')",
+                "open({top!r} + '/x', 'w')",
+                "os.rename({top!r}, '/tmp/moved')",
+                "os.rmdir({str(venv)!r})",
+            ]
+            out["attacks"] = [run("import os, sys\\n" + a).status for a in attacks]
+            out["leak"] = run("open('/tmp/leak', 'w').write('x')").status
+            probe = "import os, venvmod\\nprint(venvmod.VALUE, os.path.exists('/tmp/leak'), sorted(os.listdir('/tmp')))"
+            out["after"] = [run(probe).stdout.strip() for _ in range(4)]
+        print(json.dumps(out))
+        """)
+    )
+    proc = subprocess.run(
+        [str(venv / "bin" / "python"), str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["isolation"] == tier and out["prefix"] == str(venv) and out["venvmod"] == "42"
+    assert out["parallel_s"] < 0.95, f"two 0.5 s calls on two workers took {out['parallel_s']:.2f} s"
+    assert out["attacks"] == ["error"] * 4, out["attacks"]
+    top_name = top[len("/tmp/") :]
+    assert out["after"] == [f"42 False {sorted([top_name, 'work'])!r}"] * 4, out["after"]
