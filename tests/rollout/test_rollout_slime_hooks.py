@@ -7,42 +7,15 @@ import json
 import subprocess
 import sys
 from argparse import Namespace
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import pytest
 
 from retool.backends.slime import hooks
 from retool.rollout import RolloutConfig
+from tests.slime_sample import Sample
 
 from .test_rollout_episodes import call, script
-
-
-@dataclass
-class Sample:
-    """The fields of slime.utils.types.Sample the hooks touch (slime itself is not installed here)."""
-
-    group_index: int | None = None
-    index: int | None = None
-    prompt: str | list[dict[str, str]] = ""
-    tokens: list[int] = field(default_factory=list)
-    response: str = ""
-    response_length: int = 0
-    label: str | None = None
-    reward: float | dict[str, Any] | None = None
-    loss_mask: list[int] | None = None
-    rollout_log_probs: list[float] | None = None
-
-    class Status(Enum):
-        PENDING = "pending"
-        COMPLETED = "completed"
-        TRUNCATED = "truncated"
-        ABORTED = "aborted"
-        FAILED = "failed"
-
-    status: Status = Status.PENDING
-    metadata: dict = field(default_factory=dict)
 
 
 @pytest.fixture

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import mlflow
 import pytest
@@ -22,30 +19,7 @@ from mlflow.tracking import MlflowClient
 from retool.backends.slime import mlflow_bridge
 from retool.backends.slime.tensorboard_mirror import TensorBoardMirror
 from retool.rollout import ToolCallRecord
-
-
-@dataclass
-class Sample:  # the fields of slime.utils.types.Sample that the hooks read
-    group_index: int | None = None
-    index: int | None = None
-    prompt: str = ""
-    tokens: list[int] = field(default_factory=list)
-    response: str = ""
-    response_length: int = 0
-    label: str | None = None
-    reward: float | dict[str, Any] | None = None
-    loss_mask: list[int] | None = None
-    rollout_log_probs: list[float] | None = None
-
-    class Status(Enum):
-        PENDING = "pending"
-        COMPLETED = "completed"
-        TRUNCATED = "truncated"
-        ABORTED = "aborted"
-        FAILED = "failed"
-
-    status: Status = Status.PENDING
-    metadata: dict = field(default_factory=dict)
+from tests.slime_sample import Sample
 
 
 def call(status: str = "ok", code: str = "print(1)\nprint(2)") -> ToolCallRecord:
