@@ -230,12 +230,14 @@ def setup_mounts():
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={CFG['tmp_mb']}m")
     for top, paths in CFG["tmp_keep"].items():  # read-only, and a mount point: no call can move it
         os.mkdir(top, 0o755)
-        mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+        if top not in paths:  # (else the interpreter's own bind is the mount point)
+            mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
         for p in paths:
             os.makedirs(p, exist_ok=True)
             mount(f"/proc/self/fd/{tmp_fds.pop(p)}", p, None, MS_BIND | MS_REC)
             mount(None, p, None, MS_BIND | MS_REC | MS_RDONLY | MS_REMOUNT)
-        mount(None, top, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        if top not in paths:
+            mount(None, top, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
 # ---------------------------------------------------------------- privilege drop in a call's child

@@ -131,6 +131,9 @@ def bwrap_argv(worker_argv: list[str], tmp_mb: int, staged: bool) -> tuple[list[
         if p not in in_tmp:
             args += ["--ro-bind", src, p]
     for top, paths in tops.items():
+        if top in paths:  # the interpreter is that directory: its own bind is the mount point
+            args += ["--ro-bind", binds[top], top]
+            continue
         args += ["--size", str(1 << 20), "--tmpfs", top]
         for p in paths:
             args += ["--ro-bind", binds[p], p]

@@ -300,17 +300,32 @@ async def test_requests_larger_than_a_pipe_buffer_go_through_both_paths():
     assert a.stdout == b.stdout == "300000\n", (a.observation(), b.observation())
 
 
+@pytest.fixture(params=["nested", "top"])
+def venv_in_tmp(request, tmp_path):
+    """A virtual environment somewhere below /tmp, or directly in it."""
+    import shutil
+    import uuid
+
+    if request.param == "nested":
+        assert str(tmp_path).startswith("/tmp/"), "pytest's temporary directory is expected under /tmp"
+        venv = tmp_path / "venv"
+    else:
+        venv = Path("/tmp") / f"retool-test-venv-{uuid.uuid4().hex[:8]}"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    yield venv
+    if request.param == "top":
+        shutil.rmtree(venv, ignore_errors=True)
+
+
 @pytest.mark.parametrize("tier", ["bwrap", "namespaces"])
-def test_an_interpreter_inside_tmp_is_bound_read_only_and_survives_every_call(tier, tmp_path):
+def test_an_interpreter_inside_tmp_is_bound_read_only_and_survives_every_call(tier, venv_in_tmp, tmp_path):
     """A checkout or virtual environment under /tmp (CI clones there): the calls' fresh /tmp still shows
     the interpreter, read-only, under a mount no call can write into, rename or have wiped."""
     import json
     import sysconfig
 
     require_tier(tier)
-    assert str(tmp_path).startswith("/tmp/"), "pytest's temporary directory is expected under /tmp"
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    venv = venv_in_tmp
     site = next(venv.glob("lib/python3*/site-packages"))
     (site / "venvmod.py").write_text("VALUE = 42\n")
     top = "/tmp/" + str(venv)[len("/tmp/") :].split("/")[0]
