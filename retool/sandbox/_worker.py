@@ -467,13 +467,16 @@ def wipe_scratch():
         except OSError:
             pass
 
+    try:  # the usual case: the call left its scratch dir empty and (namespaced tiers) nothing else in /tmp
+        os.rmdir(SCRATCH)
+        if not WIPE_ALL_TMP or not set(os.listdir("/tmp")) - TMP_KEEP:
+            return
+    except FileNotFoundError:
+        if not WIPE_ALL_TMP:
+            return
+    except OSError:
+        pass
     if WIPE_ALL_TMP:
-        try:  # the usual case: the call left its scratch dir empty and made nothing else
-            os.rmdir(SCRATCH)
-            if not set(os.listdir("/tmp")) - TMP_KEEP:
-                return
-        except OSError:
-            pass
         try:
             entries = list(os.scandir("/tmp"))
         except OSError:
@@ -489,12 +492,7 @@ def wipe_scratch():
             except OSError:
                 pass
     else:
-        try:
-            os.rmdir(SCRATCH)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            shutil.rmtree(SCRATCH, onerror=onerror)
+        shutil.rmtree(SCRATCH, onerror=onerror)
 
 
 class IpcCounts(ctypes.Structure):
