@@ -486,13 +486,11 @@ class Sandbox:
         slot = self._pool.get()
         w = self._pick(slot, code)
         t0 = time.monotonic()
+        res = None
         try:
             res = w.call(req, time.monotonic() + timeout + 10.0)
-            if res is None:
-                self._recover(slot, w)
         finally:
-            if not self._closed:
-                self._pool.put(slot)
+            self._release(slot, w, res)
         return self._result(res, time.monotonic() - t0)
 
     async def arun(self, code: str, timeout_s: float | None = None) -> ExecResult:
@@ -524,22 +522,21 @@ class Sandbox:
         finally:
             with self._lock:
                 self._active.discard(call)
-        if res is None:
+        if res is None:  # restarting the worker blocks: not on the loop
             try:
-                await loop.run_in_executor(self._calls, self._recover_and_release, slot, w)
+                await loop.run_in_executor(self._calls, self._release, slot, w, None)
             except RuntimeError:  # closed meanwhile (its threads no longer take work)
                 raise SandboxError("sandbox is closed") from None
-        elif not self._closed:
-            self._pool.put(slot)
+        else:
+            self._release(slot, w, res)
         return self._result(res, time.monotonic() - t0)
 
     def _settle(self, slot: _Slot, w: _Worker, res: dict[str, Any] | None) -> None:
-        if self._closed:
-            return
+        """`_release` from the event loop without waiting: a restart goes to a thread."""
         if res is None:
-            self._background(self._recover_and_release, slot, w)
+            self._background(self._release, slot, w, None)
         else:
-            self._pool.put(slot)
+            self._release(slot, w, res)
 
     def _background(self, fn: Any, *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the sandbox closed meanwhile: nothing is left to free
@@ -559,29 +556,26 @@ class Sandbox:
         assert w is not None
         return w
 
-    def _recover(self, slot: _Slot, w: _Worker) -> None:
-        """The worker died or hung (not the code: its limits are enforced inside the worker)."""
-        if self._closed:
-            raise SandboxError("sandbox is closed")
-        log.warning("sandbox worker %d%s failed; restarting it", w.index, w.kind)
-        self._restart(slot, w)
-
-    def _recover_and_release(self, slot: _Slot, w: _Worker) -> None:
+    def _release(self, slot: _Slot, w: _Worker, res: dict[str, Any] | None) -> None:
+        """Give the slot back, first restarting its worker if the call got no answer from it (the worker
+        died or hung; never the code's own doing: its limits are enforced inside the worker). Blocks for
+        a restart; raises SandboxError if the sandbox closed meanwhile."""
         try:
-            self._recover(slot, w)
+            if res is None:
+                if self._closed:
+                    raise SandboxError("sandbox is closed")
+                log.warning("sandbox worker %d%s failed; restarting it", w.index, w.kind)
+                self._restart(slot, w)
         finally:
             if not self._closed:
                 self._pool.put(slot)
 
     def _finish_in_thread(self, slot: _Slot, w: _Worker, call: _AsyncCall, deadline: float) -> None:
+        res = None
         try:
-            if call.rest_in_thread(deadline) is None:
-                self._recover(slot, w)
-        except SandboxError:
-            pass
+            res = call.rest_in_thread(deadline)
         finally:
-            if not self._closed:
-                self._pool.put(slot)
+            self._release(slot, w, res)
 
     def _result(self, res: dict[str, Any] | None, elapsed_s: float) -> ExecResult:
         if res is None:
