@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -217,8 +218,6 @@ def test_warm_image_sits_in_huge_pages_and_stays_correct_across_recollapses():
 
 
 async def test_cancelled_arun_frees_its_worker_and_the_next_call_runs():
-    import asyncio
-
     with Sandbox(small_config("auto", workers=1)) as sb:
         light = sb._slots[0].light
         assert light is not None
@@ -238,8 +237,6 @@ async def test_cancelled_arun_frees_its_worker_and_the_next_call_runs():
 
 
 def test_a_call_in_flight_when_its_event_loop_ends_still_frees_the_worker():
-    import asyncio
-
     with Sandbox(small_config("auto", workers=1)) as sb:
 
         async def abandon() -> None:
@@ -252,8 +249,6 @@ def test_a_call_in_flight_when_its_event_loop_ends_still_frees_the_worker():
 
 
 async def test_threads_and_coroutines_share_the_workers_in_turn():
-    import asyncio
-
     with Sandbox(small_config("auto", workers=1)) as sb:
         loop = asyncio.get_running_loop()
         sync = [loop.run_in_executor(None, sb.run, f"print({i})") for i in range(6)]
@@ -263,8 +258,6 @@ async def test_threads_and_coroutines_share_the_workers_in_turn():
 
 
 async def test_arun_survives_a_worker_that_dies_mid_call():
-    import asyncio
-
     with Sandbox(small_config("auto", workers=1)) as sb:
         w = sb._slots[0].light or sb._slots[0].heavy
         task = asyncio.create_task(sb.arun("import time\ntime.sleep(2)\nprint('never')"))
@@ -277,8 +270,6 @@ async def test_arun_survives_a_worker_that_dies_mid_call():
 
 
 async def test_close_wakes_coroutines_waiting_for_a_worker():
-    import asyncio
-
     sb = Sandbox(small_config("auto", workers=1))
     busy = asyncio.create_task(sb.arun("import time\ntime.sleep(1)"))
     await asyncio.sleep(0.2)
@@ -290,8 +281,6 @@ async def test_close_wakes_coroutines_waiting_for_a_worker():
 
 
 async def test_requests_larger_than_a_pipe_buffer_go_through_both_paths():
-    import asyncio
-
     code = "s = '" + "x" * 300_000 + "'\nprint(len(s))"  # several times the 64 KB pipe buffer
     with Sandbox(small_config("auto", workers=1)) as sb:
         a, b = await asyncio.gather(
